@@ -1,0 +1,67 @@
+"""The `RunGateway` over a Prefect server, through Prefect's own client (no server in-process).
+
+Every call that cannot reach the server raises `OrchestratorUnavailable`, so the API can
+answer 503 and the CLI exit with code 5, with nothing claimed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+from resumable.resuming import OrchestratorUnavailable
+
+
+def _unavailable(err: Exception) -> OrchestratorUnavailable:
+    return OrchestratorUnavailable(
+        f"the Prefect server cannot be reached ({type(err).__name__}: {err}); "
+        "check PREFECT_API_URL and that `prefect server start` (or `make up`) is running"
+    )
+
+
+class PrefectGateway:
+    def flow_run_state(self, flow_run_id: str) -> str | None:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            run_id = uuid.UUID(flow_run_id)
+        except ValueError:
+            return None
+        try:
+            with get_client(sync_client=True) as client:
+                flow_run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            return None
+        except (httpx.HTTPError, OSError, RuntimeError) as err:
+            raise _unavailable(err) from err
+        return flow_run.state.type.value if flow_run.state else None
+
+    def schedule_training(
+        self, *, deployment: str, parameters: dict[str, Any], idempotency_key: str, tags: list[str]
+    ) -> str:
+        from prefect.deployments import run_deployment
+
+        try:
+            flow_run = run_deployment(
+                deployment,
+                parameters=parameters,
+                idempotency_key=idempotency_key,
+                tags=tags,
+                timeout=0,
+                as_subflow=False,
+            )
+        except (httpx.HTTPError, OSError) as err:
+            raise _unavailable(err) from err
+        return str(flow_run.id)
+
+    def check_reachable(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                client.api_healthcheck()
+        except (httpx.HTTPError, OSError) as err:
+            raise _unavailable(err) from err
