@@ -2,8 +2,8 @@
 
 The series are generated from the seed alone: log-returns follow an AR(1) process
 whose momentum switches between regimes, so the next move is partly predictable from
-recent ones. A small 1-D convolutional network learns it; accuracy rises from a coin
-flip (0.5) towards ~0.6 within a few epochs on a CPU.
+recent ones. A small 1-D convolutional network learns it: accuracy rises from a coin
+flip (0.5) to about 0.67 in eight epochs of about a second each on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def generate_price_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of `window` normalised returns and whether the following return is positive."""
     generator = torch.Generator().manual_seed(seed + 7)
-    momentum = torch.where(torch.rand(series, 1, generator=generator) < 0.5, 0.45, -0.3)
+    momentum = torch.where(torch.rand(series, 1, generator=generator) < 0.5, 0.6, -0.5)
     noise = torch.randn(series, length, generator=generator)
     returns = torch.zeros(series, length)
     for t in range(1, length):
@@ -34,7 +34,7 @@ def generate_price_windows(
 
 
 class DemoRecipe:
-    def __init__(self, series: int = 64, length: int = 96, window: int = 32, channels: int = 16) -> None:
+    def __init__(self, series: int = 384, length: int = 96, window: int = 32, channels: int = 16) -> None:
         self.series = series
         self.length = length
         self.window = window

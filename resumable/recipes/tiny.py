@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
@@ -12,10 +13,13 @@ from resumable.spec import TrainingSpec
 
 
 class TinyRecipe:
-    def __init__(self, samples: int = 96, features: int = 8, hidden: int = 16) -> None:
+    """`seconds_per_batch` makes each step last at least that long, standing in for a heavier model in tests."""
+
+    def __init__(self, samples: int = 96, features: int = 8, hidden: int = 16, seconds_per_batch: float = 0.0) -> None:
         self.samples = samples
         self.features = features
         self.hidden = hidden
+        self.seconds_per_batch = seconds_per_batch
 
     def build_model(self, spec: TrainingSpec) -> nn.Module:
         # Dropout makes every step draw from the torch RNG, so a resume that lost
@@ -45,6 +49,8 @@ class TinyRecipe:
     def compute_loss(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        if self.seconds_per_batch:
+            time.sleep(self.seconds_per_batch)
         inputs, targets = batch
         loss = nn.functional.mse_loss(model(inputs), targets)
         return loss, {"mse": loss.detach()}
