@@ -40,7 +40,9 @@ def main() -> None:
         if started_here and os.environ.get("RESUMABLE_DEMO_KEEP") != "1":
             stack.down()
         elif started_here:
-            print(f"\nThe stack stays up for the UI at {stack.ui_url}; stop it with `make down`.")
+            print(
+                f"\nThe stack stays up for the UI at {stack.ui_url}; stop it with `make down`."
+            )
 
 
 def _port_free(port: int) -> bool:
@@ -61,10 +63,16 @@ def run_demo(ui_url: str) -> None:
     store = runtime.checkpoint_store()
     epochs = SPEC["epochs"]
 
-    print(f"\n1. Training the `demo` recipe for {epochs} epochs (operation = its first flow run)")
-    first = run_deployment("train-model/gpu", parameters={"spec": SPEC}, timeout=0, as_subflow=False)
+    print(
+        f"\n1. Training the `demo` recipe for {epochs} epochs (operation = its first flow run)"
+    )
+    first = run_deployment(
+        "train-model/gpu", parameters={"spec": SPEC}, timeout=0, as_subflow=False
+    )
     operation_id = str(first.id)
-    print(f"   operation {operation_id}\n   watch it: {ui_url}/runs/flow-run/{operation_id}")
+    print(
+        f"   operation {operation_id}\n   watch it: {ui_url}/runs/flow-run/{operation_id}"
+    )
     shown: set[str] = set()
     while True:
         _show_new_checkpoints(store, operation_id, shown)
@@ -80,13 +88,22 @@ def run_demo(ui_url: str) -> None:
         cancelled = _wait_final(client, first.id)
     stopped = store.latest_good(operation_id)
     assert stopped is not None
-    print(f"   state: {cancelled.type.value}; {stopped.kind} checkpoint at epoch {stopped.epoch}, batch {stopped.batch}")
+    print(
+        f"   state: {cancelled.type.value}; {stopped.kind} checkpoint at epoch {stopped.epoch}, batch {stopped.batch}"
+    )
 
     print("\n3. Resuming through the resume deployment (resume-training/default)")
-    resume = run_deployment("resume-training/default", parameters={"operation_id": operation_id}, timeout=300, as_subflow=False)
+    resume = run_deployment(
+        "resume-training/default",
+        parameters={"operation_id": operation_id},
+        timeout=300,
+        as_subflow=False,
+    )
     print(f"   {resume.state.type.value}: {resume.state.message}")
     with runtime.sessions()() as session:
-        continuation = operations.get_operation(session=session, id_or_run=operation_id).continuation_run_id
+        continuation = operations.get_operation(
+            session=session, id_or_run=operation_id
+        ).continuation_run_id
     if resume.state.type.value != "COMPLETED" or continuation is None:
         sys.exit("the resume was refused; see the message above")
     with get_client(sync_client=True) as client:
@@ -100,7 +117,9 @@ def run_demo(ui_url: str) -> None:
     print(f"   resumed run {continuation}: {state.type.value}")
 
     print("\n4. Training the same spec without interruption, to compare")
-    reference = run_deployment("train-model/gpu", parameters={"spec": SPEC}, timeout=600, as_subflow=False)
+    reference = run_deployment(
+        "train-model/gpu", parameters={"spec": SPEC}, timeout=600, as_subflow=False
+    )
     print(f"   {reference.state.type.value}")
 
     resumed_final = store.load_latest_good(operation_id)
@@ -108,18 +127,32 @@ def run_demo(ui_url: str) -> None:
     identical = _identical(resumed_final.state.tensors, reference_final.state.tensors)
     history = resumed_final.state.meta["history"]
     print()
-    print(_table(
-        [
-            ("operation", operation_id),
-            ("epochs", str(epochs)),
-            ("stopped at", f"epoch {stopped.epoch}, batch {stopped.batch} ({stopped.kind} checkpoint)"),
-            ("resumed from", f"epoch {stopped.epoch}, batch {stopped.batch}, as flow run {continuation[:8]}…"),
-            ("final loss (resumed)", f"{history[-1]['loss']:.6f}"),
-            ("final loss (uninterrupted)", f"{reference_final.state.meta['history'][-1]['loss']:.6f}"),
-            ("final accuracy", f"{history[-1]['accuracy']:.3f} (epoch 1: {history[0]['accuracy']:.3f})"),
-            ("bit-identical", "yes" if identical else "NO"),
-        ]
-    ))
+    print(
+        _table(
+            [
+                ("operation", operation_id),
+                ("epochs", str(epochs)),
+                (
+                    "stopped at",
+                    f"epoch {stopped.epoch}, batch {stopped.batch} ({stopped.kind} checkpoint)",
+                ),
+                (
+                    "resumed from",
+                    f"epoch {stopped.epoch}, batch {stopped.batch}, as flow run {continuation[:8]}…",
+                ),
+                ("final loss (resumed)", f"{history[-1]['loss']:.6f}"),
+                (
+                    "final loss (uninterrupted)",
+                    f"{reference_final.state.meta['history'][-1]['loss']:.6f}",
+                ),
+                (
+                    "final accuracy",
+                    f"{history[-1]['accuracy']:.3f} (epoch 1: {history[0]['accuracy']:.3f})",
+                ),
+                ("bit-identical", "yes" if identical else "NO"),
+            ]
+        )
+    )
     if not identical:
         sys.exit("the resumed run's parameters differ from the uninterrupted run's")
 
@@ -130,8 +163,14 @@ def _show_new_checkpoints(store: Any, operation_id: str, shown: set[str]) -> Non
             continue
         shown.add(record.id)
         metrics = record.metrics
-        detail = f", loss {metrics['loss']:.4f}, accuracy {metrics.get('accuracy', 0):.3f}" if "loss" in metrics else ""
-        print(f"   {record.kind:>12} checkpoint: epoch {record.epoch}, batch {record.batch}{detail}")
+        detail = (
+            f", loss {metrics['loss']:.4f}, accuracy {metrics.get('accuracy', 0):.3f}"
+            if "loss" in metrics
+            else ""
+        )
+        print(
+            f"   {record.kind:>12} checkpoint: epoch {record.epoch}, batch {record.batch}{detail}"
+        )
 
 
 def _wait_final(client: Any, flow_run_id: Any, timeout: float = 120) -> Any:
@@ -148,13 +187,24 @@ def _identical(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
     import torch
 
     keys = {k for k in ours if not k.startswith("rng.")}
-    return keys == {k for k in theirs if not k.startswith("rng.")} and all(torch.equal(ours[k], theirs[k]) for k in keys)
+    return keys == {k for k in theirs if not k.startswith("rng.")} and all(
+        torch.equal(ours[k], theirs[k]) for k in keys
+    )
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
-    rule = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
-    lines = [rule] + [f"| {name.ljust(width)} | {value.ljust(len(rule) - width - 7)} |" for name, value in rows] + [rule]
+    rule = (
+        "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
+    )
+    lines = (
+        [rule]
+        + [
+            f"| {name.ljust(width)} | {value.ljust(len(rule) - width - 7)} |"
+            for name, value in rows
+        ]
+        + [rule]
+    )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ demo start private stacks on free ports with `LocalStack(...).up()`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,16 +86,28 @@ class LocalStack:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
-                args, cwd=PROJECT_DIR, env=self._run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                args,
+                cwd=PROJECT_DIR,
+                env=self._run_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return process.pid
 
     def _cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [*_prefect(), *args], cwd=PROJECT_DIR, env=self._run_env(), capture_output=True, text=True, timeout=300
+            [*_prefect(), *args],
+            cwd=PROJECT_DIR,
+            env=self._run_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{result.stdout}\n{result.stderr}")
+            raise RuntimeError(
+                f"`prefect {' '.join(args)}` failed:\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def healthy(self) -> bool:
@@ -112,29 +125,64 @@ class LocalStack:
             return self
         pids: dict[str, int] = {}
         say(f"starting the Prefect server on {self.ui_url} ...")
-        pids["server"] = self._spawn("server", [*_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
+        pids["server"] = self._spawn(
+            "server",
+            [
+                *_prefect(),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
         self._write_state(pids)
         deadline = time.monotonic() + 120
         while not self.healthy():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the Prefect server did not answer within 120 s; see {self.data_dir / 'logs' / 'server.log'}")
+                raise RuntimeError(
+                    f"the Prefect server did not answer within 120 s; see {self.data_dir / 'logs' / 'server.log'}"
+                )
             time.sleep(0.25)
         for pool in POOLS:
-            result = self._cli("work-pool", "create", pool, "--type", "process", check=False)
-            if result.returncode != 0 and "already exists" not in result.stdout + result.stderr:
-                raise RuntimeError(f"could not create work pool {pool!r}:\n{result.stdout}\n{result.stderr}")
+            result = self._cli(
+                "work-pool", "create", pool, "--type", "process", check=False
+            )
+            if (
+                result.returncode != 0
+                and "already exists" not in result.stdout + result.stderr
+            ):
+                raise RuntimeError(
+                    f"could not create work pool {pool!r}:\n{result.stdout}\n{result.stderr}"
+                )
         say("deploying train-model/gpu and resume-training/default ...")
         self._cli("--no-prompt", "deploy", "--all")
         for pool in self.workers:
             pids[f"worker-{pool}"] = self._spawn(
-                f"worker-{pool}", [*_prefect(), "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-local"]
+                f"worker-{pool}",
+                [
+                    *_prefect(),
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    f"{pool}-local",
+                ],
             )
         self._write_state(pids)
-        say(f"up: Prefect UI at {self.ui_url}, workers for pools {', '.join(self.workers)}")
+        say(
+            f"up: Prefect UI at {self.ui_url}, workers for pools {', '.join(self.workers)}"
+        )
         return self
 
     def _write_state(self, pids: dict[str, int]) -> None:
-        self.state_file.write_text(json.dumps({"api_url": self.api_url, "pids": pids}, indent=1))
+        self.state_file.write_text(
+            json.dumps({"api_url": self.api_url, "pids": pids}, indent=1)
+        )
 
     def down(self, *, progress: bool = True) -> None:
         """Stop exactly the processes `up` started."""
@@ -162,20 +210,20 @@ def _stop_group(pid: int, grace: float = 15.0) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def default_stack() -> LocalStack:
-    data_dir = Path(os.environ.get("RESUMABLE_DATA_DIR", PROJECT_DIR / ".resumable")).resolve()
-    return LocalStack(data_dir=data_dir, port=int(os.environ.get("RESUMABLE_PREFECT_PORT", "4200")))
+    data_dir = Path(
+        os.environ.get("RESUMABLE_DATA_DIR", PROJECT_DIR / ".resumable")
+    ).resolve()
+    return LocalStack(
+        data_dir=data_dir, port=int(os.environ.get("RESUMABLE_PREFECT_PORT", "4200"))
+    )
 
 
 def main() -> None:

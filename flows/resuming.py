@@ -9,7 +9,12 @@ from pydantic import BaseModel
 
 from resumable.errors import ResumableError
 from resumable.resuming import ResumeResult
-from tasks.resuming import claim_resume, load_last_good_checkpoint, schedule_remaining_epochs, validate_resume
+from tasks.resuming import (
+    claim_resume,
+    load_last_good_checkpoint,
+    schedule_remaining_epochs,
+    validate_resume,
+)
 
 
 class ResumeResponse(BaseModel):
@@ -17,7 +22,9 @@ class ResumeResponse(BaseModel):
     data: ResumeResult
 
 
-@flow(name="resume-training", flow_run_name="resume-{operation_id}", persist_result=False)
+@flow(
+    name="resume-training", flow_run_name="resume-{operation_id}", persist_result=False
+)
 def resume_training(operation_id: str, automatic: bool = False) -> State:
     """Resume an interrupted training operation exactly once, from its last good checkpoint.
 

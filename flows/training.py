@@ -25,7 +25,9 @@ from tasks.training import (
 
 
 @flow(name="train-model", flow_run_name="train-{spec.recipe}", persist_result=False)
-def train_model(spec: TrainingSpec, resume: ResumeReference | None = None) -> dict[str, Any] | State:
+def train_model(
+    spec: TrainingSpec, resume: ResumeReference | None = None
+) -> dict[str, Any] | State:
     """Train `spec`, or continue the operation in `resume`, checkpointing as the spec's policy says.
 
     Args:
@@ -56,10 +58,21 @@ def train_model(spec: TrainingSpec, resume: ResumeReference | None = None) -> di
     if start.already_completed:
         message = f"operation {start.operation_id} has already completed; nothing to train (start a new run to train again)"
         logger.info(message)
-        finish_run(TrainingRun(spec, start.operation_id, flow_run_id, start.attempt, StopRequests(None)), "COMPLETED")
+        finish_run(
+            TrainingRun(
+                spec, start.operation_id, flow_run_id, start.attempt, StopRequests(None)
+            ),
+            "COMPLETED",
+        )
         return Completed(message=message)
 
-    run = TrainingRun(spec=spec, operation_id=start.operation_id, flow_run_id=flow_run_id, attempt=start.attempt, stop=StopRequests(flow_run_id))
+    run = TrainingRun(
+        spec=spec,
+        operation_id=start.operation_id,
+        flow_run_id=flow_run_id,
+        attempt=start.attempt,
+        stop=StopRequests(flow_run_id),
+    )
     final_state = "FAILED"
     with run.stop:
         try:
@@ -79,7 +92,10 @@ def train_model(spec: TrainingSpec, resume: ResumeReference | None = None) -> di
                     f"({run.stop.reason}); cancellation checkpoint {checkpoint['id']} is committed"
                 )
                 logger.info(message)
-                if run.stop.signalled and run.stop.current_state() not in ("CANCELLING", "CANCELLED"):
+                if run.stop.signalled and run.stop.current_state() not in (
+                    "CANCELLING",
+                    "CANCELLED",
+                ):
                     # A SIGTERM that is not a Prefect cancellation (a node shutting down): end as the
                     # signal asks, through Prefect's own handling, after the checkpoint is safe.
                     final_state = "CRASHED"
@@ -100,7 +116,10 @@ def train_model(spec: TrainingSpec, resume: ResumeReference | None = None) -> di
             if trainer is not None and run.started and trainer.is_consistent:
                 save_checkpoint(run, "failure")
             elif trainer is not None and run.started:
-                logger.error("%s: failed in the middle of an update; the last periodic checkpoint is the newest consistent state", run.label)
+                logger.error(
+                    "%s: failed in the middle of an update; the last periodic checkpoint is the newest consistent state",
+                    run.label,
+                )
             raise
         finally:
             finish_run(run, final_state)

@@ -55,16 +55,23 @@ def migrate(engine: Engine) -> None:
         config.set_main_option("script_location", str(MIGRATIONS))
         if engine.url.get_backend_name() == "postgresql":
             with engine.connect() as connection:
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+                connection.execute(
+                    text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY}
+                )
                 try:
                     config.attributes["connection"] = connection
                     command.upgrade(config, "head")
                     connection.commit()
                 finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+                    connection.execute(
+                        text("SELECT pg_advisory_unlock(:key)"),
+                        {"key": _ADVISORY_LOCK_KEY},
+                    )
                     connection.commit()
         else:
-            lock_path = Path(engine.url.database or "resumable") .with_suffix(".migrate.lock")
+            lock_path = Path(engine.url.database or "resumable").with_suffix(
+                ".migrate.lock"
+            )
             if engine.url.database in (None, "", ":memory:"):
                 lock_path = Path("/tmp/resumable-memory.migrate.lock")
             with open(lock_path, "w") as lock_file:

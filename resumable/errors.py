@@ -85,7 +85,9 @@ class NotResumable(ResumableError):
 class ResumeConflict(NotResumable):
     """Another request already claimed the resume of this interrupted attempt."""
 
-    def __init__(self, operation_id: str, winner: str, continuation: str | None) -> None:
+    def __init__(
+        self, operation_id: str, winner: str, continuation: str | None
+    ) -> None:
         detail = f"already resumed by {winner}"
         if continuation:
             detail += f" as flow run {continuation}"

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -20,18 +30,26 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_bind_param(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: store timezone-aware UTC datetimes")
+            raise ValueError(
+                f"naive datetime {value!r}: store timezone-aware UTC datetimes"
+            )
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return (
+            value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        )
 
 
 class Base(DeclarativeBase):
@@ -79,7 +97,9 @@ class Checkpoint(Base):
     """A checkpoint's metadata. Only rows in status `committed` are ever loaded."""
 
     __tablename__ = "checkpoints"
-    __table_args__ = (Index("ix_checkpoints_latest", "operation_id", "status", "step", "created_at"),)
+    __table_args__ = (
+        Index("ix_checkpoints_latest", "operation_id", "status", "step", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     operation_id: Mapped[str] = mapped_column(String(64))

@@ -36,7 +36,9 @@ def check_operation_id(value: str) -> str:
     return value
 
 
-def create_operation(*, session: Session, operation_id: str, spec: TrainingSpec) -> Operation:
+def create_operation(
+    *, session: Session, operation_id: str, spec: TrainingSpec
+) -> Operation:
     """Record a new operation, whose first attempt is the flow run `operation_id`; idempotent."""
     check_operation_id(operation_id)
     existing = session.get(Operation, operation_id)
@@ -75,23 +77,37 @@ def get_operation(*, session: Session, id_or_run: str) -> Operation:
 
 
 def list_operations(*, session: Session, limit: int = 200) -> list[Operation]:
-    return list(session.scalars(select(Operation).order_by(Operation.created_at.desc()).limit(limit)))
+    return list(
+        session.scalars(
+            select(Operation).order_by(Operation.created_at.desc()).limit(limit)
+        )
+    )
 
 
 def list_attempts(*, session: Session, operation_id: str) -> list[Attempt]:
-    query = select(Attempt).where(Attempt.operation_id == operation_id).order_by(Attempt.number)
+    query = (
+        select(Attempt)
+        .where(Attempt.operation_id == operation_id)
+        .order_by(Attempt.number)
+    )
     return list(session.scalars(query))
 
 
 def register_attempt(
-    *, session: Session, operation_id: str, flow_run_id: str, resumed_from_checkpoint_id: str | None = None
+    *,
+    session: Session,
+    operation_id: str,
+    flow_run_id: str,
+    resumed_from_checkpoint_id: str | None = None,
 ) -> Attempt:
     """Record `flow_run_id` as an attempt of the operation (idempotent) and make it the latest."""
     check_operation_id(flow_run_id)
     operation = get_operation(session=session, id_or_run=operation_id)
     attempt = session.get(Attempt, flow_run_id)
     if attempt is not None and attempt.operation_id != operation.id:
-        raise InvalidSpec(f"flow run {flow_run_id} is already an attempt of operation {attempt.operation_id}, not of {operation.id}")
+        raise InvalidSpec(
+            f"flow run {flow_run_id} is already an attempt of operation {attempt.operation_id}, not of {operation.id}"
+        )
     if attempt is None:
         attempt = Attempt(
             flow_run_id=flow_run_id,
@@ -106,7 +122,9 @@ def register_attempt(
     return attempt
 
 
-def record_state(*, session: Session, operation_id: str, flow_run_id: str, state: str) -> None:
+def record_state(
+    *, session: Session, operation_id: str, flow_run_id: str, state: str
+) -> None:
     """Remember the last state a run reported, for listings when Prefect is out of reach."""
     session.execute(
         update(Operation)
@@ -115,19 +133,26 @@ def record_state(*, session: Session, operation_id: str, flow_run_id: str, state
     )
 
 
-def acquire_trainer(*, session: Session, operation_id: str, flow_run_id: str) -> str | None:
+def acquire_trainer(
+    *, session: Session, operation_id: str, flow_run_id: str
+) -> str | None:
     """Take the operation's trainer lease; returns None on success, else the run that holds it."""
     result = session.execute(
         update(Operation)
         .where(
             Operation.id == operation_id,
-            or_(Operation.trainer_run_id.is_(None), Operation.trainer_run_id == flow_run_id),
+            or_(
+                Operation.trainer_run_id.is_(None),
+                Operation.trainer_run_id == flow_run_id,
+            ),
         )
         .values(trainer_run_id=flow_run_id, updated_at=utcnow())
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return None
-    holder = session.scalar(select(Operation.trainer_run_id).where(Operation.id == operation_id))
+    holder = session.scalar(
+        select(Operation.trainer_run_id).where(Operation.id == operation_id)
+    )
     return holder or "(unknown)"
 
 
@@ -148,7 +173,14 @@ class Claim:
 
 
 def claim_resume(
-    *, session: Session, operation_id: str, interrupted_run_id: str, owner: str, ttl_seconds: float, automatic: bool = False, auto_cap: int | None = None
+    *,
+    session: Session,
+    operation_id: str,
+    interrupted_run_id: str,
+    owner: str,
+    ttl_seconds: float,
+    automatic: bool = False,
+    auto_cap: int | None = None,
 ) -> Claim:
     """Claim the resume of `interrupted_run_id` for `owner` with one conditional UPDATE.
 
@@ -167,7 +199,8 @@ def claim_resume(
             Operation.claimed_run_id.is_(None),
             Operation.claimed_run_id != interrupted_run_id,
             Operation.claim_owner == owner,
-            (Operation.continuation_run_id.is_(None)) & (Operation.claimed_at < stale_before),
+            (Operation.continuation_run_id.is_(None))
+            & (Operation.claimed_at < stale_before),
         ),
     ]
     values: dict[str, Any] = {
@@ -180,38 +213,55 @@ def claim_resume(
         "updated_at": utcnow(),
     }
     if automatic:
-        conditions.append(Operation.auto_resumes < (auto_cap if auto_cap is not None else 0))
+        conditions.append(
+            Operation.auto_resumes < (auto_cap if auto_cap is not None else 0)
+        )
         values["auto_resumes"] = Operation.auto_resumes + 1
     result = session.execute(update(Operation).where(*conditions).values(**values))
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return Claim(won=True, owner=owner, continuation_run_id=None)
     row = session.execute(
-        select(Operation.claim_owner, Operation.continuation_run_id, Operation.auto_resumes).where(
-            Operation.id == operation_id
-        )
+        select(
+            Operation.claim_owner, Operation.continuation_run_id, Operation.auto_resumes
+        ).where(Operation.id == operation_id)
     ).one_or_none()
     if row is None:
         raise OperationNotFound(operation_id)
-    return Claim(won=False, owner=row[0], continuation_run_id=row[1], auto_resumes=row[2])
+    return Claim(
+        won=False, owner=row[0], continuation_run_id=row[1], auto_resumes=row[2]
+    )
 
 
 def release_claim(*, session: Session, operation_id: str, owner: str) -> None:
     """Give up a claim that could not be carried through (its checkpoint turned out bad)."""
     session.execute(
         update(Operation)
-        .where(Operation.id == operation_id, Operation.claim_owner == owner, Operation.continuation_run_id.is_(None))
+        .where(
+            Operation.id == operation_id,
+            Operation.claim_owner == owner,
+            Operation.continuation_run_id.is_(None),
+        )
         .values(claimed_run_id=None, claim_owner=None, claimed_at=None)
     )
 
 
 def record_continuation(
-    *, session: Session, operation_id: str, owner: str, flow_run_id: str, resumed_from_checkpoint_id: str
+    *,
+    session: Session,
+    operation_id: str,
+    owner: str,
+    flow_run_id: str,
+    resumed_from_checkpoint_id: str,
 ) -> None:
     """Record the run a claim scheduled; it becomes the operation's latest attempt."""
     session.execute(
         update(Operation)
         .where(Operation.id == operation_id, Operation.claim_owner == owner)
-        .values(continuation_run_id=flow_run_id, last_known_state="SCHEDULED", updated_at=utcnow())
+        .values(
+            continuation_run_id=flow_run_id,
+            last_known_state="SCHEDULED",
+            updated_at=utcnow(),
+        )
     )
     register_attempt(
         session=session,

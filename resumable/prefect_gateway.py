@@ -40,7 +40,12 @@ class PrefectGateway:
         return flow_run.state.type.value if flow_run.state else None
 
     def schedule_training(
-        self, *, deployment: str, parameters: dict[str, Any], idempotency_key: str, tags: list[str]
+        self,
+        *,
+        deployment: str,
+        parameters: dict[str, Any],
+        idempotency_key: str,
+        tags: list[str],
     ) -> str:
         from prefect.deployments import run_deployment
 
@@ -55,7 +60,7 @@ class PrefectGateway:
             )
         except (httpx.HTTPError, OSError) as err:
             raise _unavailable(err) from err
-        return str(flow_run.id)
+        return str(flow_run.id)  # type: ignore[union-attr]  # sync context: a FlowRun, not a coroutine
 
     def check_reachable(self) -> None:
         from prefect.client.orchestration import get_client

@@ -22,7 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from resumable import operations
 from resumable.checkpoints.store import CheckpointRecord, CheckpointStore
-from resumable.errors import CheckpointNotFound, NotResumable, ResumableError, ResumeConflict
+from resumable.errors import (
+    CheckpointNotFound,
+    NotResumable,
+    ResumableError,
+    ResumeConflict,
+)
 from resumable.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +47,12 @@ class RunGateway(Protocol):
         ...
 
     def schedule_training(
-        self, *, deployment: str, parameters: dict[str, Any], idempotency_key: str, tags: list[str]
+        self,
+        *,
+        deployment: str,
+        parameters: dict[str, Any],
+        idempotency_key: str,
+        tags: list[str],
     ) -> str:
         """Create a flow run of `deployment` (or return the one this key already made); its id."""
         ...
@@ -90,7 +100,11 @@ def resumed_from(record: CheckpointRecord) -> ResumedFrom:
 
 class Resumer:
     def __init__(
-        self, sessions: sessionmaker[Session], store: CheckpointStore, gateway: RunGateway, settings: Settings
+        self,
+        sessions: sessionmaker[Session],
+        store: CheckpointStore,
+        gateway: RunGateway,
+        settings: Settings,
     ) -> None:
         self.sessions = sessions
         self.store = store
@@ -102,22 +116,38 @@ class Resumer:
         with self.sessions() as session:
             operation = operations.get_operation(session=session, id_or_run=id_or_run)
             latest = operation.latest_run_id or operation.id
-            candidate = ResumeCandidate(operation.id, latest, "", dict(operation.spec), operation.attempts)
-            continuation, owner, known = operation.continuation_run_id, operation.claim_owner, operation.last_known_state
+            candidate = ResumeCandidate(
+                operation.id, latest, "", dict(operation.spec), operation.attempts
+            )
+            continuation, owner, known = (
+                operation.continuation_run_id,
+                operation.claim_owner,
+                operation.last_known_state,
+            )
         state = self.gateway.flow_run_state(latest) or known
         if state in RESUMABLE_STATES:
-            return ResumeCandidate(candidate.operation_id, latest, state, candidate.spec, candidate.attempt)
+            return ResumeCandidate(
+                candidate.operation_id, latest, state, candidate.spec, candidate.attempt
+            )
         if continuation == latest and state in {"SCHEDULED", "PENDING", "RUNNING"}:
-            raise ResumeConflict(candidate.operation_id, owner or "another request", continuation)
+            raise ResumeConflict(
+                candidate.operation_id, owner or "another request", continuation
+            )
         advice = {
             "COMPLETED": "it finished; start a new operation to train further",
             "RUNNING": "cancel it first if you want it to stop",
             "CANCELLING": "wait until the cancellation has ended, then resume",
             "PAUSED": "resume it from the Prefect UI, or cancel it first",
         }.get(state, "wait until it ends, or cancel it first")
-        raise NotResumable(candidate.operation_id, state, f"its latest attempt {latest} is {state}; {advice}")
+        raise NotResumable(
+            candidate.operation_id,
+            state,
+            f"its latest attempt {latest} is {state}; {advice}",
+        )
 
-    def claim(self, candidate: ResumeCandidate, *, owner: str, automatic: bool = False) -> None:
+    def claim(
+        self, candidate: ResumeCandidate, *, owner: str, automatic: bool = False
+    ) -> None:
         with self.sessions.begin() as session:
             claim = operations.claim_resume(
                 session=session,
@@ -129,7 +159,12 @@ class Resumer:
                 auto_cap=self.settings.auto_resume_cap,
             )
         if claim.won:
-            logger.info("operation %s: %s claimed the resume of %s", candidate.operation_id, owner, candidate.interrupted_run_id)
+            logger.info(
+                "operation %s: %s claimed the resume of %s",
+                candidate.operation_id,
+                owner,
+                candidate.interrupted_run_id,
+            )
             return
         if automatic and claim.auto_resumes >= self.settings.auto_resume_cap:
             raise NotResumable(
@@ -137,28 +172,48 @@ class Resumer:
                 candidate.state,
                 f"it reached its cap of {self.settings.auto_resume_cap} automatic resumes; resume it by hand",
             )
-        raise ResumeConflict(candidate.operation_id, claim.owner or "another request", claim.continuation_run_id)
+        raise ResumeConflict(
+            candidate.operation_id,
+            claim.owner or "another request",
+            claim.continuation_run_id,
+        )
 
-    def verify_checkpoint(self, candidate: ResumeCandidate, *, owner: str) -> CheckpointRecord:
+    def verify_checkpoint(
+        self, candidate: ResumeCandidate, *, owner: str
+    ) -> CheckpointRecord:
         try:
             loaded = self.store.load_latest_good(candidate.operation_id)
         except CheckpointNotFound:
             with self.sessions.begin() as session:
-                operations.release_claim(session=session, operation_id=candidate.operation_id, owner=owner)
+                operations.release_claim(
+                    session=session, operation_id=candidate.operation_id, owner=owner
+                )
             raise
         for checkpoint_id, reason in loaded.skipped:
-            logger.warning("operation %s: skipped corrupted checkpoint %s: %s", candidate.operation_id, checkpoint_id, reason)
+            logger.warning(
+                "operation %s: skipped corrupted checkpoint %s: %s",
+                candidate.operation_id,
+                checkpoint_id,
+                reason,
+            )
         return loaded.record
 
-    def schedule(self, candidate: ResumeCandidate, record: CheckpointRecord, *, owner: str) -> ResumeResult:
+    def schedule(
+        self, candidate: ResumeCandidate, record: CheckpointRecord, *, owner: str
+    ) -> ResumeResult:
         attempt = candidate.attempt + 1
         flow_run_id = self.gateway.schedule_training(
             deployment=self.settings.train_deployment,
             parameters={
                 "spec": candidate.spec,
-                "resume": {"operation_id": candidate.operation_id, "checkpoint_id": record.id},
+                "resume": {
+                    "operation_id": candidate.operation_id,
+                    "checkpoint_id": record.id,
+                },
             },
-            idempotency_key=idempotency_key(candidate.operation_id, candidate.interrupted_run_id),
+            idempotency_key=idempotency_key(
+                candidate.operation_id, candidate.interrupted_run_id
+            ),
             tags=[f"operation:{candidate.operation_id}", f"attempt:{attempt}"],
         )
         with self.sessions.begin() as session:
@@ -171,7 +226,12 @@ class Resumer:
             )
         logger.info(
             "operation %s: resumed from %s checkpoint %s (epoch %d, batch %d) as flow run %s",
-            candidate.operation_id, record.kind, record.id, record.epoch, record.batch, flow_run_id,
+            candidate.operation_id,
+            record.kind,
+            record.id,
+            record.epoch,
+            record.batch,
+            flow_run_id,
         )
         return ResumeResult(
             operation_id=candidate.operation_id,
@@ -182,7 +242,9 @@ class Resumer:
             resumed_from=resumed_from(record),
         )
 
-    def resume(self, id_or_run: str, *, owner: str, automatic: bool = False) -> ResumeResult:
+    def resume(
+        self, id_or_run: str, *, owner: str, automatic: bool = False
+    ) -> ResumeResult:
         """All four steps in one call, as the operations API and CLI use them."""
         candidate = self.validate(id_or_run)
         self.claim(candidate, owner=owner, automatic=automatic)

@@ -31,4 +31,8 @@ def _store(url: str, root: str, stale_after: float) -> CheckpointStore:
 
 def checkpoint_store(settings: Settings | None = None) -> CheckpointStore:
     settings = settings or get_settings()
-    return _store(settings.resolved_database_url(), settings.resolved_checkpoint_url(), settings.stale_save_seconds)
+    return _store(
+        settings.resolved_database_url(),
+        settings.resolved_checkpoint_url(),
+        settings.stale_save_seconds,
+    )

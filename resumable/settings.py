@@ -18,23 +18,35 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESUMABLE_", extra="ignore")
 
-    data_dir: Path = Field(default=Path(".resumable"), description="Folder for the embedded defaults.")
+    data_dir: Path = Field(
+        default=Path(".resumable"), description="Folder for the embedded defaults."
+    )
     database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL of the metadata database; SQLite under data_dir if unset."
+        default=None,
+        description="SQLAlchemy URL of the metadata database; SQLite under data_dir if unset.",
     )
     checkpoint_url: str | None = Field(
-        default=None, description="fsspec URL of the checkpoint root; a folder under data_dir if unset."
+        default=None,
+        description="fsspec URL of the checkpoint root; a folder under data_dir if unset.",
     )
-    api_token: SecretStr | None = Field(default=None, description="Bearer token the operations API requires.")
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token the operations API requires."
+    )
     train_deployment: str = "train-model/gpu"
     resume_deployment: str = "resume-training/default"
     stale_save_seconds: float = Field(
-        default=3600.0, gt=0, description="A save still staging after this long belongs to a dead writer."
+        default=3600.0,
+        gt=0,
+        description="A save still staging after this long belongs to a dead writer.",
     )
     claim_ttl_seconds: float = Field(
-        default=600.0, gt=0, description="A resume claim that scheduled nothing after this long may be taken over."
+        default=600.0,
+        gt=0,
+        description="A resume claim that scheduled nothing after this long may be taken over.",
     )
-    auto_resume_cap: int = Field(default=3, ge=0, description="Automatic resumes allowed per operation.")
+    auto_resume_cap: int = Field(
+        default=3, ge=0, description="Automatic resumes allowed per operation."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

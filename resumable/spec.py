@@ -21,7 +21,14 @@ Device = Literal["auto", "cpu", "cuda"]
 
 # Fields that shape the model, the data order or the optimisation path; a checkpoint
 # only continues a spec whose values for these are equal.
-FINGERPRINT_FIELDS = ("recipe", "recipe_options", "seed", "batch_size", "learning_rate", "amp")
+FINGERPRINT_FIELDS = (
+    "recipe",
+    "recipe_options",
+    "seed",
+    "batch_size",
+    "learning_rate",
+    "amp",
+)
 
 
 class CheckpointPolicy(BaseModel):
@@ -45,7 +52,11 @@ class TrainingSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    recipe: str = Field(min_length=1, max_length=200, description="A shipped recipe name or `package.module:factory`.")
+    recipe: str = Field(
+        min_length=1,
+        max_length=200,
+        description="A shipped recipe name or `package.module:factory`.",
+    )
     recipe_options: dict[str, JsonValue] = Field(default_factory=dict)
     epochs: int = Field(ge=1, le=100_000)
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
@@ -61,7 +72,9 @@ class TrainingSpec(BaseModel):
         try:
             json.dumps(self.recipe_options, sort_keys=True, allow_nan=False)
         except ValueError as err:
-            raise ValueError(f"recipe_options must be finite JSON values: {err}") from err
+            raise ValueError(
+                f"recipe_options must be finite JSON values: {err}"
+            ) from err
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -69,7 +82,9 @@ class TrainingSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """SHA-256 of the fields that must match for a checkpoint to continue this spec."""
-        canonical = json.dumps(self.fingerprint_fields(), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            self.fingerprint_fields(), sort_keys=True, separators=(",", ":")
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def differences_from(self, fields: dict[str, Any]) -> list[str]:

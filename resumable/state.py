@@ -39,17 +39,29 @@ def encode_tree(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Js
         return {"__tensor__": prefix}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: encode_tree(v, f"{prefix}.{k}", tensors) for k, v in value.items()}
-        return {"__dict__": [[k, encode_tree(v, f"{prefix}.{k}", tensors)] for k, v in value.items()]}
+            return {
+                k: encode_tree(v, f"{prefix}.{k}", tensors) for k, v in value.items()
+            }
+        return {
+            "__dict__": [
+                [k, encode_tree(v, f"{prefix}.{k}", tensors)] for k, v in value.items()
+            ]
+        }
     if isinstance(value, tuple):
-        return {"__tuple__": [encode_tree(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]}
+        return {
+            "__tuple__": [
+                encode_tree(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)
+            ]
+        }
     if isinstance(value, list):
         return [encode_tree(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
         return {"__float__": repr(value)}
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    raise TypeError(f"cannot store a {type(value).__name__} at {prefix!r} in a checkpoint; use plain data or tensors")
+    raise TypeError(
+        f"cannot store a {type(value).__name__} at {prefix!r} in a checkpoint; use plain data or tensors"
+    )
 
 
 def decode_tree(tree: JsonTree, tensors: dict[str, torch.Tensor]) -> Any:
@@ -81,7 +93,10 @@ class RngState:
 
 def capture_rng_state() -> RngState:
     numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in numpy_state["state"].items()}
+    numpy_state["state"] = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in numpy_state["state"].items()
+    }
     return RngState(
         python=encode_tree(random.getstate(), "python", {}),
         numpy=numpy_state,
@@ -96,7 +111,8 @@ def restore_rng_state(state: RngState) -> list[str]:
     random.setstate(decode_tree(state.python, {}))
     numpy_state = dict(state.numpy)
     numpy_state["state"] = {
-        k: (np.asarray(v, dtype=np.uint32) if isinstance(v, list) else v) for k, v in state.numpy["state"].items()
+        k: (np.asarray(v, dtype=np.uint32) if isinstance(v, list) else v)
+        for k, v in state.numpy["state"].items()
     }
     np.random.set_state(numpy_state)
     torch.set_rng_state(state.torch_cpu.cpu())

@@ -25,7 +25,12 @@ import torch
 from torch.utils.data import default_collate
 
 from resumable import faults
-from resumable.errors import DeviceUnavailable, IncompatibleCheckpoint, InvalidSpec, ResumableError
+from resumable.errors import (
+    DeviceUnavailable,
+    IncompatibleCheckpoint,
+    InvalidSpec,
+    ResumableError,
+)
 from resumable.recipes import Recipe, load_recipe
 from resumable.spec import TrainingSpec
 from resumable.state import (
@@ -85,7 +90,13 @@ class BatchResult:
 class Trainer:
     """Trains one spec; `train` runs from the current position until told to stop."""
 
-    def __init__(self, spec: TrainingSpec, *, recipe: Recipe | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        *,
+        recipe: Recipe | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         configure_determinism(spec.deterministic)
         self.spec = spec
         self.device = device or resolve_device(spec.device)
@@ -101,11 +112,19 @@ class Trainer:
         self.dataset = self.recipe.build_dataset(spec)
         self.samples = len(self.dataset)  # type: ignore[arg-type]
         if self.samples == 0:
-            raise InvalidSpec(f"recipe {spec.recipe!r} built an empty dataset; nothing can be trained")
+            raise InvalidSpec(
+                f"recipe {spec.recipe!r} built an empty dataset; nothing can be trained"
+            )
         self.steps_per_epoch = math.ceil(self.samples / spec.batch_size)
-        self.scheduler = self.recipe.build_scheduler(self.optimizer, spec, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.amp and self.device.type == "cuda")
-        self._autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scheduler = self.recipe.build_scheduler(
+            self.optimizer, spec, self.steps_per_epoch
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=spec.amp and self.device.type == "cuda"
+        )
+        self._autocast_dtype = (
+            torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        )
 
         self.epoch = 0
         self.batch = 0
@@ -178,13 +197,19 @@ class Trainer:
         self._boundary_rng = capture_rng_state()
         started = time.perf_counter()
         order = self.batch_order(self.epoch)
-        indices = order[self.batch * self.spec.batch_size : (self.batch + 1) * self.spec.batch_size].tolist()
-        batch = _to_device(default_collate([self.dataset[i] for i in indices]), self.device)
+        indices = order[
+            self.batch * self.spec.batch_size : (self.batch + 1) * self.spec.batch_size
+        ].tolist()
+        batch = _to_device(
+            default_collate([self.dataset[i] for i in indices]), self.device
+        )
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (
-            torch.autocast(self.device.type, dtype=self._autocast_dtype) if self.spec.amp else nullcontext()
+            torch.autocast(self.device.type, dtype=self._autocast_dtype)
+            if self.spec.amp
+            else nullcontext()
         )
         with autocast:
             loss, metrics = self.recipe.compute_loss(self.model, batch)
@@ -220,15 +245,23 @@ class Trainer:
 
     def _close_epoch(self) -> None:
         record: dict[str, Any] = {"epoch": self.epoch}
-        record.update({name: total / self._epoch_samples for name, total in self._sums.items()})
+        record.update(
+            {name: total / self._epoch_samples for name, total in self._sums.items()}
+        )
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["seconds"] = round(self._epoch_seconds, 6)
-        record["samples_per_second"] = self._epoch_samples / self._epoch_seconds if self._epoch_seconds else 0.0
+        record["samples_per_second"] = (
+            self._epoch_samples / self._epoch_seconds if self._epoch_seconds else 0.0
+        )
         self.history.append(record)
         metric = self.spec.checkpoint.keep_best_metric
         if metric is not None and metric in record:
             better = min if self.spec.checkpoint.best_mode == "min" else max
-            self.best_metric = record[metric] if self.best_metric is None else better(self.best_metric, record[metric])
+            self.best_metric = (
+                record[metric]
+                if self.best_metric is None
+                else better(self.best_metric, record[metric])
+            )
         self.epoch += 1
         self.batch = 0
         self._sums = {}
@@ -238,7 +271,11 @@ class Trainer:
     def latest_metrics(self) -> dict[str, float]:
         if not self.history:
             return {}
-        return {k: v for k, v in self.history[-1].items() if isinstance(v, int | float) and k != "epoch"}
+        return {
+            k: v
+            for k, v in self.history[-1].items()
+            if isinstance(v, int | float) and k != "epoch"
+        }
 
     def capture_state(self, *, after_failure: bool = False) -> TrainingState:
         """The whole training state at the current batch boundary, as live references.
@@ -260,31 +297,49 @@ class Trainer:
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
             "spec": self.spec.model_dump(mode="json"),
             "fingerprint": self.spec.fingerprint(),
-            "fingerprint_fields": self.spec.model_dump(mode="json", include=set(self.spec.fingerprint_fields())),
-            "param_shapes": {name: list(t.shape) for name, t in self.model.state_dict().items()},
+            "fingerprint_fields": self.spec.model_dump(
+                mode="json", include=set(self.spec.fingerprint_fields())
+            ),
+            "param_shapes": {
+                name: list(t.shape) for name, t in self.model.state_dict().items()
+            },
             "optimizer": encode_tree(self.optimizer.state_dict(), "optim", tensors),
-            "scheduler": encode_tree(self.scheduler.state_dict(), "sched", tensors) if self.scheduler else None,
+            "scheduler": encode_tree(self.scheduler.state_dict(), "sched", tensors)
+            if self.scheduler
+            else None,
             "scaler": encode_tree(self.scaler.state_dict(), "scaler", tensors),
             "rng": rng_to_state(rng, tensors),
             "history": list(self.history),
-            "accumulators": {"sums": dict(self._sums), "samples": self._epoch_samples, "seconds": self._epoch_seconds},
+            "accumulators": {
+                "sums": dict(self._sums),
+                "samples": self._epoch_samples,
+                "seconds": self._epoch_seconds,
+            },
             "best_metric": self.best_metric,
             "device": self.device.type,
         }
         return TrainingState(tensors=tensors, meta=meta)
 
-    def check_compatible(self, state: TrainingState, checkpoint_id: str = "(in memory)") -> None:
+    def check_compatible(
+        self, state: TrainingState, checkpoint_id: str = "(in memory)"
+    ) -> None:
         """Raise `IncompatibleCheckpoint` listing every difference between `state` and this trainer."""
-        differences = self.spec.differences_from(state.meta.get("fingerprint_fields", {}))
+        differences = self.spec.differences_from(
+            state.meta.get("fingerprint_fields", {})
+        )
         ours = {name: list(t.shape) for name, t in self.model.state_dict().items()}
         theirs = state.meta.get("param_shapes", {})
         for name in sorted(set(ours) | set(theirs)):
             if name not in theirs:
                 differences.append(f"parameter {name} is not in the checkpoint")
             elif name not in ours:
-                differences.append(f"parameter {name} is in the checkpoint but not in the model")
+                differences.append(
+                    f"parameter {name} is in the checkpoint but not in the model"
+                )
             elif ours[name] != theirs[name]:
-                differences.append(f"parameter {name} has shape {theirs[name]} in the checkpoint, {ours[name]} in the model")
+                differences.append(
+                    f"parameter {name} has shape {theirs[name]} in the checkpoint, {ours[name]} in the model"
+                )
         if differences:
             raise IncompatibleCheckpoint(checkpoint_id, differences)
         position = state.meta["position"]
@@ -294,19 +349,31 @@ class Trainer:
                 "ask for at least as many epochs as the checkpoint has done"
             )
 
-    def restore_state(self, state: TrainingState, checkpoint_id: str = "(in memory)") -> list[str]:
+    def restore_state(
+        self, state: TrainingState, checkpoint_id: str = "(in memory)"
+    ) -> list[str]:
         """Continue from `state`; returns warnings (for example CUDA RNG state that cannot be applied)."""
         self.check_compatible(state, checkpoint_id)
         tensors = state.tensors
-        model_state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        model_state = {
+            k[len(MODEL_PREFIX) :]: v
+            for k, v in tensors.items()
+            if k.startswith(MODEL_PREFIX)
+        }
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(decode_tree(state.meta["optimizer"], tensors))
         if self.scheduler is not None and state.meta["scheduler"] is not None:
-            self.scheduler.load_state_dict(decode_tree(state.meta["scheduler"], tensors))
+            self.scheduler.load_state_dict(
+                decode_tree(state.meta["scheduler"], tensors)
+            )
         self.scaler.load_state_dict(decode_tree(state.meta["scaler"], tensors))
 
         position = state.meta["position"]
-        self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
+        self.epoch, self.batch, self.step = (
+            position["epoch"],
+            position["batch"],
+            position["step"],
+        )
         self.history = list(state.meta["history"])
         self.best_metric = state.meta["best_metric"]
         accumulators = state.meta["accumulators"]

@@ -50,13 +50,22 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         else:
-            logger.warning("not on the main thread: SIGTERM cannot be caught, cancellation is seen by polling only")
+            logger.warning(
+                "not on the main thread: SIGTERM cannot be caught, cancellation is seen by polling only"
+            )
         if self.flow_run_id:
-            self._thread = threading.Thread(target=self._poll, name="stop-requests", daemon=True)
+            self._thread = threading.Thread(
+                target=self._poll, name="stop-requests", daemon=True
+            )
             self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._closed.set()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
@@ -74,10 +83,16 @@ class StopRequests:
                 try:
                     state = client.read_flow_run(run_id).state
                     failures = 0
-                except Exception as err:  # the server may restart; keep training and keep asking
+                except (
+                    Exception
+                ) as err:  # the server may restart; keep training and keep asking
                     failures += 1
                     if failures in (1, 10, 100):
-                        logger.warning("cannot read the state of flow run %s (%s); will keep trying", self.flow_run_id, err)
+                        logger.warning(
+                            "cannot read the state of flow run %s (%s); will keep trying",
+                            self.flow_run_id,
+                            err,
+                        )
                     continue
                 if state is not None and state.type.value in STOP_STATES:
                     self.request(STOP_STATES[state.type.value])

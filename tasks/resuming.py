@@ -17,7 +17,12 @@ from resumable.settings import get_settings
 @lru_cache(maxsize=1)
 def resumer() -> Resumer:
     settings = get_settings()
-    return Resumer(runtime.sessions(settings), runtime.checkpoint_store(settings), PrefectGateway(), settings)
+    return Resumer(
+        runtime.sessions(settings),
+        runtime.checkpoint_store(settings),
+        PrefectGateway(),
+        settings,
+    )
 
 
 @task(name="validate-resume", cache_policy=NO_CACHE)
@@ -27,18 +32,24 @@ def validate_resume(operation_id: str) -> ResumeCandidate:
 
 
 @task(name="claim-resume", cache_policy=NO_CACHE)
-def claim_resume(candidate: ResumeCandidate, owner: str, automatic: bool = False) -> None:
+def claim_resume(
+    candidate: ResumeCandidate, owner: str, automatic: bool = False
+) -> None:
     """Take the resume of the interrupted attempt with one conditional UPDATE; one claimer wins."""
     resumer().claim(candidate, owner=owner, automatic=automatic)
 
 
 @task(name="load-last-good-checkpoint", cache_policy=NO_CACHE)
-def load_last_good_checkpoint(candidate: ResumeCandidate, owner: str) -> CheckpointRecord:
+def load_last_good_checkpoint(
+    candidate: ResumeCandidate, owner: str
+) -> CheckpointRecord:
     """Load and verify the newest good checkpoint, before any GPU is asked for."""
     return resumer().verify_checkpoint(candidate, owner=owner)
 
 
 @task(name="schedule-remaining-epochs", cache_policy=NO_CACHE)
-def schedule_remaining_epochs(candidate: ResumeCandidate, record: CheckpointRecord, owner: str) -> ResumeResult:
+def schedule_remaining_epochs(
+    candidate: ResumeCandidate, record: CheckpointRecord, owner: str
+) -> ResumeResult:
     """Create the `train-model` run on the GPU pool, idempotently for this interrupted attempt."""
     return resumer().schedule(candidate, record, owner=owner)

@@ -61,7 +61,9 @@ class TrainingRun:
     trainer: Trainer | None = None
     saver: CheckpointSaver | None = None
     schedule: PeriodicSchedule | None = None
-    started: bool = False  # true once the trainer holds the state this run continues from
+    started: bool = (
+        False  # true once the trainer holds the state this run continues from
+    )
     prepared: bool = False
     periodic_saves: list[str] = field(default_factory=list)
 
@@ -71,11 +73,19 @@ class TrainingRun:
 
 
 def _checkpoint_summary(record: CheckpointRecord) -> dict[str, Any]:
-    return {"id": record.id, "kind": record.kind, "epoch": record.epoch, "batch": record.batch, "size_bytes": record.size_bytes}
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "epoch": record.epoch,
+        "batch": record.batch,
+        "size_bytes": record.size_bytes,
+    }
 
 
 @task(name="start-operation", cache_policy=NO_CACHE)
-def start_operation(spec: TrainingSpec, resume: ResumeReference | None, flow_run_id: str) -> OperationStart:
+def start_operation(
+    spec: TrainingSpec, resume: ResumeReference | None, flow_run_id: str
+) -> OperationStart:
     """Record this run as an operation's attempt and take the operation's trainer lease.
 
     A fresh run starts an operation named by its own flow run id. A resumed run continues
@@ -86,34 +96,68 @@ def start_operation(spec: TrainingSpec, resume: ResumeReference | None, flow_run
     sessions = runtime.sessions()
     with sessions.begin() as session:
         if resume is not None:
-            operation = operations.get_operation(session=session, id_or_run=resume.operation_id)
+            operation = operations.get_operation(
+                session=session, id_or_run=resume.operation_id
+            )
             restore_from = resume.checkpoint_id or "latest"
         else:
-            operation = operations.find_operation(session=session, id_or_run=flow_run_id)
+            operation = operations.find_operation(
+                session=session, id_or_run=flow_run_id
+            )
             if operation is None:
-                operation = operations.create_operation(session=session, operation_id=flow_run_id, spec=spec)
+                operation = operations.create_operation(
+                    session=session, operation_id=flow_run_id, spec=spec
+                )
                 restore_from = None
             else:
                 restore_from = "latest"
-                logger.info("flow run %s runs again (Retry or Resume): continuing operation %s", flow_run_id, operation.id)
-        holder = operations.acquire_trainer(session=session, operation_id=operation.id, flow_run_id=flow_run_id)
+                logger.info(
+                    "flow run %s runs again (Retry or Resume): continuing operation %s",
+                    flow_run_id,
+                    operation.id,
+                )
+        holder = operations.acquire_trainer(
+            session=session, operation_id=operation.id, flow_run_id=flow_run_id
+        )
         if holder is not None:
-            return OperationStart(operation_id=operation.id, attempt=0, restore_from=None, other_trainer=holder)
+            return OperationStart(
+                operation_id=operation.id,
+                attempt=0,
+                restore_from=None,
+                other_trainer=holder,
+            )
         attempt = operations.register_attempt(
             session=session,
             operation_id=operation.id,
             flow_run_id=flow_run_id,
             resumed_from_checkpoint_id=resume.checkpoint_id if resume else None,
         )
-        operations.record_state(session=session, operation_id=operation.id, flow_run_id=flow_run_id, state="RUNNING")
+        operations.record_state(
+            session=session,
+            operation_id=operation.id,
+            flow_run_id=flow_run_id,
+            state="RUNNING",
+        )
         operation_id, number = operation.id, attempt.number
 
     completed = False
     if restore_from is not None:
         latest = runtime.checkpoint_store().latest_good(operation_id)
         completed = latest is not None and latest.kind == "final"
-    logger.info("operation %s attempt %d: %s", operation_id, number, "fresh start" if restore_from is None else f"continues from {restore_from} checkpoint")
-    return OperationStart(operation_id=operation_id, attempt=number, restore_from=restore_from, already_completed=completed)
+    logger.info(
+        "operation %s attempt %d: %s",
+        operation_id,
+        number,
+        "fresh start"
+        if restore_from is None
+        else f"continues from {restore_from} checkpoint",
+    )
+    return OperationStart(
+        operation_id=operation_id,
+        attempt=number,
+        restore_from=restore_from,
+        already_completed=completed,
+    )
 
 
 @task(name="build-trainer", cache_policy=NO_CACHE)
@@ -122,12 +166,25 @@ def build_trainer(run: TrainingRun) -> dict[str, Any]:
     run.trainer = Trainer(run.spec)
     settings = get_settings()
     store = runtime.checkpoint_store(settings)
-    run.saver = CheckpointSaver(store, operation_id=run.operation_id, flow_run_id=run.flow_run_id, policy=run.spec.checkpoint)
+    run.saver = CheckpointSaver(
+        store,
+        operation_id=run.operation_id,
+        flow_run_id=run.flow_run_id,
+        policy=run.spec.checkpoint,
+    )
     run.schedule = PeriodicSchedule(run.spec.checkpoint)
     cleaned = store.clean_staged_leftovers(run.operation_id)
     if cleaned:
-        get_run_logger().info("%s: removed %d staged leftover(s) of interrupted saves", run.label, len(cleaned))
-    return {"device": run.trainer.device.type, "batches_per_epoch": run.trainer.steps_per_epoch, "epochs": run.spec.epochs}
+        get_run_logger().info(
+            "%s: removed %d staged leftover(s) of interrupted saves",
+            run.label,
+            len(cleaned),
+        )
+    return {
+        "device": run.trainer.device.type,
+        "batches_per_epoch": run.trainer.steps_per_epoch,
+        "epochs": run.spec.epochs,
+    }
 
 
 @task(name="restore-checkpoint", cache_policy=NO_CACHE)
@@ -146,17 +203,29 @@ def restore_checkpoint(run: TrainingRun, checkpoint_id: str) -> dict[str, Any]:
         try:
             loaded = store.load(checkpoint_id)
         except (CheckpointCorrupted, CheckpointNotFound) as err:
-            logger.warning("%s: checkpoint %s cannot be used (%s); falling back to the newest good one", run.label, checkpoint_id, err)
+            logger.warning(
+                "%s: checkpoint %s cannot be used (%s); falling back to the newest good one",
+                run.label,
+                checkpoint_id,
+                err,
+            )
             loaded = store.load_latest_good(run.operation_id)
     for skipped, reason in loaded.skipped:
-        logger.warning("%s: skipped corrupted checkpoint %s: %s", run.label, skipped, reason)
+        logger.warning(
+            "%s: skipped corrupted checkpoint %s: %s", run.label, skipped, reason
+        )
     for warning in run.trainer.restore_state(loaded.state, loaded.record.id):
         logger.warning("%s: %s", run.label, warning)
     run.started = True
     record = loaded.record
     logger.info(
         "%s: restored %s checkpoint %s; continuing at epoch %d batch %d (step %d)",
-        run.label, record.kind, record.id, run.trainer.epoch, run.trainer.batch, run.trainer.step,
+        run.label,
+        record.kind,
+        record.id,
+        run.trainer.epoch,
+        run.trainer.batch,
+        run.trainer.step,
     )
     return _checkpoint_summary(record)
 
@@ -176,19 +245,33 @@ def train_epoch(run: TrainingRun) -> EpochOutcome:
 
     def after_batch(result: BatchResult) -> None:
         if not run.prepared:
-            saver.prepare(trainer)  # reserve the host buffers in the background, once the optimizer has state
+            saver.prepare(
+                trainer
+            )  # reserve the host buffers in the background, once the optimizer has state
             run.prepared = True
         if not trainer.finished and schedule.due(trainer):
             saver.save_async(trainer)
             schedule.saved()
 
-    reason = trainer.train(until_epoch_end=True, should_stop=lambda: run.stop.requested, on_batch_end=after_batch)
+    reason = trainer.train(
+        until_epoch_end=True,
+        should_stop=lambda: run.stop.requested,
+        on_batch_end=after_batch,
+    )
     if trainer.batch == 0 and trainer.history and trainer.history[-1]["epoch"] == epoch:
         record = trainer.history[-1]
         logger.info(
             "%s: epoch %d/%d done in %.1fs, loss %.4f%s",
-            run.label, epoch + 1, run.spec.epochs, time.monotonic() - started, record["loss"],
-            "".join(f", {k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "loss", "lr", "seconds", "samples_per_second")),
+            run.label,
+            epoch + 1,
+            run.spec.epochs,
+            time.monotonic() - started,
+            record["loss"],
+            "".join(
+                f", {k} {v:.4f}"
+                for k, v in record.items()
+                if k not in ("epoch", "loss", "lr", "seconds", "samples_per_second")
+            ),
         )
     return EpochOutcome(
         epoch=trainer.epoch,
@@ -207,7 +290,12 @@ def save_checkpoint(run: TrainingRun, kind: str) -> dict[str, Any]:
     record = run.saver.save_blocking(run.trainer, kind, after_failure=kind == "failure")
     get_run_logger().info(
         "%s: %s checkpoint %s committed at epoch %d batch %d (%.1f MB)",
-        run.label, kind, record.id, record.epoch, record.batch, record.size_bytes / 1e6,
+        run.label,
+        kind,
+        record.id,
+        record.epoch,
+        record.batch,
+        record.size_bytes / 1e6,
     )
     return _checkpoint_summary(record)
 
@@ -218,7 +306,18 @@ def finish_run(run: TrainingRun, state: str) -> None:
         run.saver.close()
     try:
         with runtime.sessions().begin() as session:
-            operations.release_trainer(session=session, operation_id=run.operation_id, flow_run_id=run.flow_run_id)
-            operations.record_state(session=session, operation_id=run.operation_id, flow_run_id=run.flow_run_id, state=state)
+            operations.release_trainer(
+                session=session,
+                operation_id=run.operation_id,
+                flow_run_id=run.flow_run_id,
+            )
+            operations.record_state(
+                session=session,
+                operation_id=run.operation_id,
+                flow_run_id=run.flow_run_id,
+                state=state,
+            )
     except OperationNotFound:
-        logging.getLogger(__name__).warning("%s: operation disappeared before the run ended", run.label)
+        logging.getLogger(__name__).warning(
+            "%s: operation disappeared before the run ended", run.label
+        )

@@ -16,7 +16,8 @@ from resumable.checkpoints.store import CheckpointStore
 from resumable.db import session_factory
 
 POSTGRES_URL = os.environ.get(
-    "RESUMABLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/resumable_test"
+    "RESUMABLE_TEST_POSTGRES_URL",
+    "postgresql+psycopg://postgres@127.0.0.1:5432/resumable_test",
 )
 
 
@@ -26,13 +27,17 @@ def ensure_postgres_database(url: str) -> None:
     admin = f"host={parsed.host or '127.0.0.1'} port={parsed.port or 5432} user={parsed.username or 'postgres'} dbname=postgres"
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
-            exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,)).fetchone()
+            exists = connection.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,)
+            ).fetchone()
             if not exists:
                 connection.execute(f'CREATE DATABASE "{parsed.database}"')
     except psycopg.OperationalError as err:
         if os.environ.get("CI"):
             raise
-        pytest.skip(f"PostgreSQL is not reachable at {parsed.host}:{parsed.port} ({err}); `.ci/run` starts it")
+        pytest.skip(
+            f"PostgreSQL is not reachable at {parsed.host}:{parsed.port} ({err}); `.ci/run` starts it"
+        )
 
 
 @pytest.fixture(scope="session")

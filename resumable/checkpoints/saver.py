@@ -43,8 +43,14 @@ class HostSnapshot:
         on_cuda = False
         for key, tensor in state.tensors.items():
             buffer = self._buffers.get(key)
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            if (
+                buffer is None
+                or buffer.shape != tensor.shape
+                or buffer.dtype != tensor.dtype
+            ):
+                buffer = torch.empty(
+                    tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda
+                )
                 self._buffers[key] = buffer
             buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
             on_cuda = on_cuda or tensor.is_cuda
@@ -59,17 +65,24 @@ class HostSnapshot:
 class PeriodicSchedule:
     """Decides when a periodic checkpoint is due; intervals count from the start of the run."""
 
-    def __init__(self, policy: CheckpointPolicy, *, started_at: float | None = None) -> None:
+    def __init__(
+        self, policy: CheckpointPolicy, *, started_at: float | None = None
+    ) -> None:
         self.policy = policy
         self.last_save = started_at if started_at is not None else time.monotonic()
 
     def due(self, trainer: Trainer, *, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         every_epochs = self.policy.every_epochs
-        if every_epochs and trainer.batch == 0 and trainer.epoch > 0 and trainer.epoch % every_epochs == 0:
+        if (
+            every_epochs
+            and trainer.batch == 0
+            and trainer.epoch > 0
+            and trainer.epoch % every_epochs == 0
+        ):
             return True
         every_seconds = self.policy.every_seconds
-        return bool(every_seconds) and now - self.last_save >= every_seconds
+        return every_seconds is not None and now - self.last_save >= every_seconds
 
     def saved(self, *, now: float | None = None) -> None:
         self.last_save = time.monotonic() if now is None else now
@@ -83,7 +96,14 @@ class CheckpointSaver:
     error is kept in `failed_saves` so callers can stop if their policy says so.
     """
 
-    def __init__(self, store: CheckpointStore, *, operation_id: str, flow_run_id: str | None, policy: CheckpointPolicy) -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        operation_id: str,
+        flow_run_id: str | None,
+        policy: CheckpointPolicy,
+    ) -> None:
         self.store = store
         self.operation_id = operation_id
         self.flow_run_id = flow_run_id
@@ -91,7 +111,9 @@ class CheckpointSaver:
         self.snapshot = HostSnapshot()
         self.last_record: CheckpointRecord | None = None
         self.failed_saves: list[BaseException] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="checkpoint-save"
+        )
         self._pending: Future[CheckpointRecord | None] | None = None
 
     def prepare(self, trainer: Trainer) -> None:
@@ -99,25 +121,36 @@ class CheckpointSaver:
 
         Call it once the state has its final layout (after the first step, when the optimizer has state).
         """
-        layout = {key: (t.shape, t.dtype, t.is_cuda) for key, t in trainer.capture_state().tensors.items()}
+        layout = {
+            key: (t.shape, t.dtype, t.is_cuda)
+            for key, t in trainer.capture_state().tensors.items()
+        }
         self._pending = self._executor.submit(self._reserve, layout)
 
     def _reserve(self, layout: dict[str, tuple[torch.Size, torch.dtype, bool]]) -> None:
         self.snapshot.reserve(layout)
         return None
 
-    def save_async(self, trainer: Trainer, kind: str = "periodic") -> Future[CheckpointRecord | None]:
+    def save_async(
+        self, trainer: Trainer, kind: str = "periodic"
+    ) -> Future[CheckpointRecord | None]:
         self.wait()
         state = self.snapshot.copy(trainer.capture_state())
-        self._pending = self._executor.submit(self._save, state, kind, trainer.latest_metrics())
+        self._pending = self._executor.submit(
+            self._save, state, kind, trainer.latest_metrics()
+        )
         return self._pending
 
-    def save_blocking(self, trainer: Trainer, kind: str, *, after_failure: bool = False) -> CheckpointRecord:
+    def save_blocking(
+        self, trainer: Trainer, kind: str, *, after_failure: bool = False
+    ) -> CheckpointRecord:
         self.wait()
         state = self.snapshot.copy(trainer.capture_state(after_failure=after_failure))
         return self._save(state, kind, trainer.latest_metrics())
 
-    def _save(self, state: TrainingState, kind: str, metrics: dict[str, float]) -> CheckpointRecord:
+    def _save(
+        self, state: TrainingState, kind: str, metrics: dict[str, float]
+    ) -> CheckpointRecord:
         record = self.store.save(
             state,
             operation_id=self.operation_id,
@@ -140,7 +173,8 @@ class CheckpointSaver:
             self.failed_saves.append(err)
             logger.error(
                 "operation %s: a background checkpoint save failed, the previous checkpoint stays the latest: %s",
-                self.operation_id, err,
+                self.operation_id,
+                err,
             )
             return None
 

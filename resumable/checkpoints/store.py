@@ -32,8 +32,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from resumable import faults
-from resumable.checkpoints.tensorfile import HASH_ALGORITHM, map_tensor_file, read_tensor_file, write_tensor_file
-from resumable.errors import CheckpointCorrupted, CheckpointLocationInvalid, CheckpointNotFound
+from resumable.checkpoints.tensorfile import (
+    HASH_ALGORITHM,
+    map_tensor_file,
+    read_tensor_file,
+    write_tensor_file,
+)
+from resumable.errors import (
+    CheckpointCorrupted,
+    CheckpointLocationInvalid,
+    CheckpointNotFound,
+)
 from resumable.models import Checkpoint, utcnow
 from resumable.spec import CheckpointPolicy
 from resumable.state import MODEL_PREFIX, TrainingState
@@ -104,7 +113,13 @@ def check_safe_id(value: str, what: str) -> str:
 class CheckpointStore:
     """Checkpoints of every operation under one fsspec root, with their rows in one database."""
 
-    def __init__(self, sessions: sessionmaker[Session], root_url: str, *, stale_after_seconds: float = 3600.0) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        root_url: str,
+        *,
+        stale_after_seconds: float = 3600.0,
+    ) -> None:
         self.sessions = sessions
         self.root_url = root_url
         self.fs, root = fsspec.core.url_to_fs(root_url)
@@ -113,7 +128,13 @@ class CheckpointStore:
         self._local = isinstance(self.fs, LocalFileSystem)
 
     def checkpoint_dir(self, operation_id: str, checkpoint_id: str) -> str:
-        return "/".join((self.root, check_safe_id(operation_id, "operation id"), check_safe_id(checkpoint_id, "checkpoint id")))
+        return "/".join(
+            (
+                self.root,
+                check_safe_id(operation_id, "operation id"),
+                check_safe_id(checkpoint_id, "checkpoint id"),
+            )
+        )
 
     # -- saving ---------------------------------------------------------------------
 
@@ -128,7 +149,13 @@ class CheckpointStore:
         policy: CheckpointPolicy | None = None,
     ) -> CheckpointRecord:
         """Write, verify-hash and commit `state` (CPU tensors that stay unchanged meanwhile), then prune."""
-        checkpoint_id = self.begin(operation_id=operation_id, flow_run_id=flow_run_id, kind=kind, state=state, metrics=metrics)
+        checkpoint_id = self.begin(
+            operation_id=operation_id,
+            flow_run_id=flow_run_id,
+            kind=kind,
+            state=state,
+            metrics=metrics,
+        )
         try:
             manifest_sha, size = self.write_files(operation_id, checkpoint_id, state)
             faults.fire("save_commit")
@@ -138,7 +165,12 @@ class CheckpointStore:
             raise
         logger.info(
             "operation %s: committed %s checkpoint %s at epoch %d batch %d (%d bytes)",
-            operation_id, kind, checkpoint_id, record.epoch, record.batch, size,
+            operation_id,
+            kind,
+            checkpoint_id,
+            record.epoch,
+            record.batch,
+            size,
         )
         if policy is not None:
             self.prune(operation_id, policy)
@@ -175,12 +207,20 @@ class CheckpointStore:
             )
         return checkpoint_id
 
-    def write_files(self, operation_id: str, checkpoint_id: str, state: TrainingState) -> tuple[str, int]:
+    def write_files(
+        self, operation_id: str, checkpoint_id: str, state: TrainingState
+    ) -> tuple[str, int]:
         """Write the tensor files and state, then the manifest last; returns (manifest SHA-256, total size)."""
         directory = self.checkpoint_dir(operation_id, checkpoint_id)
         self.fs.makedirs(directory, exist_ok=True)
-        model = {k[len(MODEL_PREFIX) :]: v for k, v in state.tensors.items() if k.startswith(MODEL_PREFIX)}
-        training = {k: v for k, v in state.tensors.items() if not k.startswith(MODEL_PREFIX)}
+        model = {
+            k[len(MODEL_PREFIX) :]: v
+            for k, v in state.tensors.items()
+            if k.startswith(MODEL_PREFIX)
+        }
+        training = {
+            k: v for k, v in state.tensors.items() if not k.startswith(MODEL_PREFIX)
+        }
 
         files: dict[str, dict[str, Any]] = {}
         for name, tensors in ((MODEL_FILE, model), (TRAINING_FILE, training)):
@@ -209,15 +249,25 @@ class CheckpointStore:
         total = sum(entry["size"] for entry in files.values()) + manifest_entry["size"]
         return manifest_entry["sha256"], total
 
-    def commit(self, checkpoint_id: str, manifest_sha: str, size: int) -> CheckpointRecord:
+    def commit(
+        self, checkpoint_id: str, manifest_sha: str, size: int
+    ) -> CheckpointRecord:
         with self.sessions.begin() as session:
             result = session.execute(
                 update(Checkpoint)
                 .where(Checkpoint.id == checkpoint_id, Checkpoint.status == "staging")
-                .values(status="committed", manifest_sha256=manifest_sha, size_bytes=size, committed_at=utcnow())
+                .values(
+                    status="committed",
+                    manifest_sha256=manifest_sha,
+                    size_bytes=size,
+                    committed_at=utcnow(),
+                )
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
-                raise CheckpointCorrupted(checkpoint_id, "its staging row was removed before the commit (was it taken for a dead save?)")
+                raise CheckpointCorrupted(
+                    checkpoint_id,
+                    "its staging row was removed before the commit (was it taken for a dead save?)",
+                )
             row = session.get_one(Checkpoint, checkpoint_id)
             return CheckpointRecord.from_row(row)
 
@@ -226,12 +276,18 @@ class CheckpointStore:
             with self.sessions.begin() as session:
                 session.execute(
                     update(Checkpoint)
-                    .where(Checkpoint.id == checkpoint_id, Checkpoint.status == "staging")
+                    .where(
+                        Checkpoint.id == checkpoint_id, Checkpoint.status == "staging"
+                    )
                     .values(status="abandoned", status_reason=reason[:2000])
                 )
             self._remove_files(operation_id, checkpoint_id)
         except Exception:  # the save's own error is the one to report
-            logger.exception("operation %s: could not clean up failed save %s", operation_id, checkpoint_id)
+            logger.exception(
+                "operation %s: could not clean up failed save %s",
+                operation_id,
+                checkpoint_id,
+            )
 
     @contextmanager
     def _open_durable(self, path: str) -> Iterator[IO[bytes]]:
@@ -256,7 +312,9 @@ class CheckpointStore:
             row = session.get(Checkpoint, checkpoint_id)
             return CheckpointRecord.from_row(row) if row else None
 
-    def list_checkpoints(self, operation_id: str, *, include_all: bool = False) -> list[CheckpointRecord]:
+    def list_checkpoints(
+        self, operation_id: str, *, include_all: bool = False
+    ) -> list[CheckpointRecord]:
         """An operation's checkpoints, newest first; only committed ones unless `include_all`."""
         query = select(Checkpoint).where(Checkpoint.operation_id == operation_id)
         if not include_all:
@@ -269,7 +327,10 @@ class CheckpointStore:
         """The newest committed checkpoint, by its row alone (files are checked on load)."""
         query = (
             select(Checkpoint)
-            .where(Checkpoint.operation_id == operation_id, Checkpoint.status == "committed")
+            .where(
+                Checkpoint.operation_id == operation_id,
+                Checkpoint.status == "committed",
+            )
             .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
             .limit(1)
         )
@@ -288,8 +349,11 @@ class CheckpointStore:
         with self.sessions() as session:
             row = session.get(Checkpoint, checkpoint_id)
             if row is None or row.status != "committed":
-                state = "missing" if row is None else row.status
-                raise CheckpointNotFound(row.operation_id if row else "?", f"checkpoint {checkpoint_id} is {state}")
+                status = "missing" if row is None else row.status
+                raise CheckpointNotFound(
+                    row.operation_id if row else "?",
+                    f"checkpoint {checkpoint_id} is {status}",
+                )
             record = CheckpointRecord.from_row(row)
             manifest_sha = row.manifest_sha256
         try:
@@ -314,11 +378,20 @@ class CheckpointStore:
                 continue
             loaded.skipped = skipped
             return loaded
-        detail = f"{len(skipped)} corrupted checkpoint(s) skipped" if skipped else "none was committed"
+        detail = (
+            f"{len(skipped)} corrupted checkpoint(s) skipped"
+            if skipped
+            else "none was committed"
+        )
         raise CheckpointNotFound(operation_id, detail)
 
     def mark_corrupted(self, record: CheckpointRecord, reason: str) -> None:
-        logger.error("operation %s: checkpoint %s is corrupted and will not be used: %s", record.operation_id, record.id, reason)
+        logger.error(
+            "operation %s: checkpoint %s is corrupted and will not be used: %s",
+            record.operation_id,
+            record.id,
+            reason,
+        )
         with self.sessions.begin() as session:
             session.execute(
                 update(Checkpoint)
@@ -326,7 +399,9 @@ class CheckpointStore:
                 .values(status="corrupted", status_reason=reason[:2000])
             )
 
-    def _read_verified(self, record: CheckpointRecord, manifest_sha: str | None) -> TrainingState:
+    def _read_verified(
+        self, record: CheckpointRecord, manifest_sha: str | None
+    ) -> TrainingState:
         directory = self.checkpoint_dir(record.operation_id, record.id)
         try:
             with self.fs.open(f"{directory}/{MANIFEST}", "rb") as stream:
@@ -334,14 +409,24 @@ class CheckpointStore:
         except FileNotFoundError as err:
             raise CheckpointCorrupted(record.id, "its manifest is missing") from err
         if manifest_sha and hashlib.sha256(manifest_bytes).hexdigest() != manifest_sha:
-            raise CheckpointCorrupted(record.id, "its manifest does not match the hash recorded at commit")
+            raise CheckpointCorrupted(
+                record.id, "its manifest does not match the hash recorded at commit"
+            )
         try:
             manifest = json.loads(manifest_bytes)
             files = manifest["files"]
-            if manifest["format"] != MANIFEST_FORMAT or set(files) != {MODEL_FILE, TRAINING_FILE, STATE_FILE}:
-                raise ValueError(f"unexpected format {manifest.get('format')!r} or files {sorted(files)}")
+            if manifest["format"] != MANIFEST_FORMAT or set(files) != {
+                MODEL_FILE,
+                TRAINING_FILE,
+                STATE_FILE,
+            }:
+                raise ValueError(
+                    f"unexpected format {manifest.get('format')!r} or files {sorted(files)}"
+                )
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointCorrupted(record.id, f"its manifest is unreadable ({err})") from err
+            raise CheckpointCorrupted(
+                record.id, f"its manifest is unreadable ({err})"
+            ) from err
 
         tensors: dict[str, dict[str, Any]] = {}
         for name in (MODEL_FILE, TRAINING_FILE):
@@ -352,11 +437,15 @@ class CheckpointStore:
                     loaded, digest = map_tensor_file(f"{directory}/{name}", label)
                 else:
                     with self.fs.open(f"{directory}/{name}", "rb") as stream:
-                        loaded, digest = read_tensor_file(stream, label, expected["size"])
+                        loaded, digest = read_tensor_file(
+                            stream, label, expected["size"]
+                        )
             except FileNotFoundError as err:
                 raise CheckpointCorrupted(record.id, f"{name} is missing") from err
             if digest != expected.get("sha256_chunks"):
-                raise CheckpointCorrupted(record.id, f"{name} does not match its hash in the manifest")
+                raise CheckpointCorrupted(
+                    record.id, f"{name} does not match its hash in the manifest"
+                )
             tensors[name] = loaded
         try:
             with self.fs.open(f"{directory}/{STATE_FILE}", "rb") as stream:
@@ -364,7 +453,9 @@ class CheckpointStore:
         except FileNotFoundError as err:
             raise CheckpointCorrupted(record.id, f"{STATE_FILE} is missing") from err
         if hashlib.sha256(state_bytes).hexdigest() != files[STATE_FILE]["sha256"]:
-            raise CheckpointCorrupted(record.id, f"{STATE_FILE} does not match its hash in the manifest")
+            raise CheckpointCorrupted(
+                record.id, f"{STATE_FILE} does not match its hash in the manifest"
+            )
 
         flat = {MODEL_PREFIX + k: v for k, v in tensors[MODEL_FILE].items()}
         flat.update(tensors[TRAINING_FILE])
@@ -378,27 +469,36 @@ class CheckpointStore:
         keep = {record.id for record in good[: policy.keep_last]}
         keep.update(record.id for record in good if record.kind == "final")
         metric = policy.keep_best_metric
-        scored = [r for r in good if metric is not None and isinstance(r.metrics.get(metric), int | float)]
-        if scored:
-            chooser = min if policy.best_mode == "min" else max
-            keep.add(chooser(scored, key=lambda r: r.metrics[metric]).id)
+        if metric is not None:
+            scored = [r for r in good if isinstance(r.metrics.get(metric), int | float)]
+            if scored:
+                chooser = min if policy.best_mode == "min" else max
+                keep.add(chooser(scored, key=lambda r: r.metrics[metric]).id)
         pruned = [record.id for record in good if record.id not in keep]
         for checkpoint_id in pruned:
             with self.sessions.begin() as session:
                 session.execute(
                     update(Checkpoint)
-                    .where(Checkpoint.id == checkpoint_id, Checkpoint.status == "committed")
+                    .where(
+                        Checkpoint.id == checkpoint_id, Checkpoint.status == "committed"
+                    )
                     .values(status="pruned", status_reason="retention")
                 )
             self._remove_files(operation_id, checkpoint_id)
         if pruned:
-            logger.info("operation %s: pruned %d checkpoint(s) by retention", operation_id, len(pruned))
+            logger.info(
+                "operation %s: pruned %d checkpoint(s) by retention",
+                operation_id,
+                len(pruned),
+            )
         return pruned
 
     def clean_staged_leftovers(self, operation_id: str | None = None) -> list[str]:
         """Remove the files of saves that stayed `staging` longer than `stale_after` (their writer died)."""
         cutoff = utcnow() - self.stale_after
-        query = select(Checkpoint).where(Checkpoint.status == "staging", Checkpoint.created_at < cutoff)
+        query = select(Checkpoint).where(
+            Checkpoint.status == "staging", Checkpoint.created_at < cutoff
+        )
         if operation_id is not None:
             query = query.where(Checkpoint.operation_id == operation_id)
         with self.sessions() as session:
@@ -408,14 +508,21 @@ class CheckpointStore:
             with self.sessions.begin() as session:
                 taken = session.execute(
                     update(Checkpoint)
-                    .where(Checkpoint.id == checkpoint_id, Checkpoint.status == "staging")
-                    .values(status="abandoned", status_reason="staged files of a save whose writer died")
+                    .where(
+                        Checkpoint.id == checkpoint_id, Checkpoint.status == "staging"
+                    )
+                    .values(
+                        status="abandoned",
+                        status_reason="staged files of a save whose writer died",
+                    )
                 )
             if taken.rowcount == 1:  # type: ignore[attr-defined]
                 self._remove_files(op_id, checkpoint_id)
                 cleaned.append(checkpoint_id)
         if cleaned:
-            logger.info("removed %d staged leftover(s) of interrupted saves", len(cleaned))
+            logger.info(
+                "removed %d staged leftover(s) of interrupted saves", len(cleaned)
+            )
         return cleaned
 
     def _remove_files(self, operation_id: str, checkpoint_id: str) -> None:

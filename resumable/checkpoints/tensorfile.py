@@ -46,7 +46,9 @@ DTYPES: dict[torch.dtype, str] = {
 DTYPE_NAMES = {name: dtype for dtype, name in DTYPES.items()}
 
 
-_HASH_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="checkpoint-hash")
+_HASH_POOL = ThreadPoolExecutor(
+    max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="checkpoint-hash"
+)
 
 
 def _chunk_digest(view: memoryview) -> bytes:
@@ -73,7 +75,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -81,14 +83,22 @@ def _chunks(view: memoryview) -> Iterator[memoryview]:
         yield view[start : start + CHUNK_BYTES]
 
 
-def build_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+def build_header(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
     header: dict[str, Any] = {}
     offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPES:
-            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which checkpoints do not store")
+            raise TypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which checkpoints do not store"
+            )
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     if metadata:
         header["__metadata__"] = metadata
@@ -97,7 +107,9 @@ def build_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_tensor_file(stream: IO[bytes], tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+def write_tensor_file(
+    stream: IO[bytes], tensors: dict[str, torch.Tensor]
+) -> tuple[int, str]:
     """Write CPU, contiguous `tensors` to `stream`; returns (bytes written, SHA-256)."""
     hasher = ParallelHasher()
     header = build_header(tensors)
@@ -121,20 +133,28 @@ def _refuse_foreign(prefix: bytes, label: str) -> None:
         )
 
 
-def _parse_header(prefix: bytes, read_header, label: str, file_size: int | None) -> tuple[bytes, list[tuple[str, torch.dtype, list[int], int, int]]]:
+def _parse_header(
+    prefix: bytes, read_header, label: str, file_size: int | None
+) -> tuple[bytes, list[tuple[str, torch.dtype, list[int], int, int]]]:
     _refuse_foreign(prefix, label)
     if len(prefix) != 8:
         raise CheckpointCorrupted(label, "the tensor file ends before its header")
     (header_size,) = struct.unpack("<Q", prefix)
-    if header_size > MAX_HEADER_BYTES or (file_size is not None and header_size + 8 > file_size):
-        raise CheckpointCorrupted(label, f"the tensor file's header claims {header_size} bytes")
+    if header_size > MAX_HEADER_BYTES or (
+        file_size is not None and header_size + 8 > file_size
+    ):
+        raise CheckpointCorrupted(
+            label, f"the tensor file's header claims {header_size} bytes"
+        )
     raw_header = read_header(header_size)
     try:
         header = json.loads(raw_header)
         if not isinstance(header, dict):
             raise ValueError("the header is not an object")
     except (UnicodeDecodeError, ValueError) as err:
-        raise CheckpointCorrupted(label, f"the tensor file's header is not valid JSON ({err})") from err
+        raise CheckpointCorrupted(
+            label, f"the tensor file's header is not valid JSON ({err})"
+        ) from err
     entries = []
     expected_offset = 0
     for name, entry in header.items():
@@ -147,15 +167,21 @@ def _parse_header(prefix: bytes, read_header, label: str, file_size: int | None)
             if any(n < 0 for n in shape):
                 raise ValueError(f"negative dimension in {shape}")
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointCorrupted(label, f"entry {name!r} of the header is malformed ({err})") from err
+            raise CheckpointCorrupted(
+                label, f"entry {name!r} of the header is malformed ({err})"
+            ) from err
         size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         if start != expected_offset or end - start != size:
-            raise CheckpointCorrupted(label, f"entry {name!r} has offsets {start}..{end}, expected {expected_offset}..")
+            raise CheckpointCorrupted(
+                label,
+                f"entry {name!r} has offsets {start}..{end}, expected {expected_offset}..",
+            )
         expected_offset = end
         entries.append((name, dtype, shape, start, end))
     if file_size is not None and 8 + header_size + expected_offset != file_size:
         raise CheckpointCorrupted(
-            label, f"the tensor file is {file_size} bytes but its header describes {8 + header_size + expected_offset}"
+            label,
+            f"the tensor file is {file_size} bytes but its header describes {8 + header_size + expected_offset}",
         )
     return prefix + raw_header, entries
 
@@ -167,7 +193,9 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-def read_tensor_file(stream: IO[bytes], label: str, expected_size: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def read_tensor_file(
+    stream: IO[bytes], label: str, expected_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """Read a tensor file into fresh CPU tensors; returns them and the file's digest.
 
     Raises:
@@ -182,11 +210,15 @@ def read_tensor_file(stream: IO[bytes], label: str, expected_size: int | None = 
         tensor = torch.empty(shape, dtype=dtype)
         for chunk in _chunks(_byte_view(tensor)):
             if stream.readinto(chunk) != len(chunk):  # type: ignore[attr-defined]
-                raise CheckpointCorrupted(label, f"the tensor file ends inside tensor {name!r}")
+                raise CheckpointCorrupted(
+                    label, f"the tensor file ends inside tensor {name!r}"
+                )
             hasher.update(chunk)
         tensors[name] = tensor
     if stream.read(1):
-        raise CheckpointCorrupted(label, "the tensor file has bytes after its last tensor")
+        raise CheckpointCorrupted(
+            label, "the tensor file has bytes after its last tensor"
+        )
     return tensors, hasher.hexdigest()
 
 
@@ -205,6 +237,7 @@ def map_tensor_file(path: str, label: str) -> tuple[dict[str, torch.Tensor], str
 
     def read_header(n: int) -> bytes:
         return bytes(view[8 : 8 + n])
+
     header, entries = _parse_header(bytes(view[:8]), read_header, label, size)
     base = len(header)
     hasher = ParallelHasher()
@@ -217,5 +250,7 @@ def map_tensor_file(path: str, label: str) -> tuple[dict[str, torch.Tensor], str
         if end == start:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
-            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=_numel(shape), offset=base + start).reshape(shape)
+            tensors[name] = torch.frombuffer(
+                mapping, dtype=dtype, count=_numel(shape), offset=base + start
+            ).reshape(shape)
     return tensors, hasher.hexdigest()

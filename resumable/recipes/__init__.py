@@ -34,7 +34,9 @@ SHIPPED_RECIPES = {
 class Recipe(Protocol):
     def build_model(self, spec: TrainingSpec) -> nn.Module: ...
 
-    def build_optimizer(self, model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer: ...
+    def build_optimizer(
+        self, model: nn.Module, spec: TrainingSpec
+    ) -> torch.optim.Optimizer: ...
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, spec: TrainingSpec, steps_per_epoch: int
@@ -42,7 +44,9 @@ class Recipe(Protocol):
 
     def build_dataset(self, spec: TrainingSpec) -> Dataset[Any]: ...
 
-    def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    def compute_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
         """The loss to minimise and per-batch metrics (scalar tensors), averaged per epoch."""
         ...
 
@@ -53,15 +57,23 @@ def load_recipe(name: str, options: Mapping[str, Any] | None = None) -> Recipe:
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         known = ", ".join(sorted(SHIPPED_RECIPES))
-        raise UnknownRecipe(f"unknown recipe {name!r}: use one of {known} or an import path `package.module:factory`")
+        raise UnknownRecipe(
+            f"unknown recipe {name!r}: use one of {known} or an import path `package.module:factory`"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise UnknownRecipe(f"recipe {name!r} cannot be imported: {err}; check the import path") from err
+        raise UnknownRecipe(
+            f"recipe {name!r} cannot be imported: {err}; check the import path"
+        ) from err
     try:
         recipe = factory(**dict(options or {}))
     except TypeError as err:
-        raise UnknownRecipe(f"recipe {name!r} refused its options {dict(options or {})!r}: {err}") from err
+        raise UnknownRecipe(
+            f"recipe {name!r} refused its options {dict(options or {})!r}: {err}"
+        ) from err
     if not isinstance(recipe, Recipe):
-        raise UnknownRecipe(f"{path} did not return a recipe: it lacks the methods of `resumable.recipes.Recipe`")
+        raise UnknownRecipe(
+            f"{path} did not return a recipe: it lacks the methods of `resumable.recipes.Recipe`"
+        )
     return recipe

@@ -15,7 +15,9 @@ from resumable.spec import TrainingSpec
 
 
 class BenchRecipe:
-    def __init__(self, width: int = 4096, depth: int = 3, features: int = 256, samples: int = 512) -> None:
+    def __init__(
+        self, width: int = 4096, depth: int = 3, features: int = 256, samples: int = 512
+    ) -> None:
         self.width = width
         self.depth = depth
         self.features = features
@@ -28,7 +30,9 @@ class BenchRecipe:
         layers.append(nn.Linear(self.width, self.features))
         return nn.Sequential(*layers)
 
-    def build_optimizer(self, model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+    def build_optimizer(
+        self, model: nn.Module, spec: TrainingSpec
+    ) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
 
     def build_scheduler(

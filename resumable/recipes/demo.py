@@ -34,7 +34,9 @@ def generate_price_windows(
 
 
 class DemoRecipe:
-    def __init__(self, series: int = 384, length: int = 96, window: int = 32, channels: int = 16) -> None:
+    def __init__(
+        self, series: int = 384, length: int = 96, window: int = 32, channels: int = 16
+    ) -> None:
         self.series = series
         self.length = length
         self.window = window
@@ -51,16 +53,24 @@ class DemoRecipe:
             nn.Linear(self.channels * self.window, 1),
         )
 
-    def build_optimizer(self, model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    def build_optimizer(
+        self, model: nn.Module, spec: TrainingSpec
+    ) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            model.parameters(), lr=spec.learning_rate, weight_decay=0.01
+        )
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, spec: TrainingSpec, steps_per_epoch: int
     ) -> torch.optim.lr_scheduler.LRScheduler | None:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=spec.epochs * steps_per_epoch
+        )
 
     def build_dataset(self, spec: TrainingSpec) -> Dataset[tuple[torch.Tensor, ...]]:
-        inputs, labels = generate_price_windows(spec.seed, self.series, self.length, self.window)
+        inputs, labels = generate_price_windows(
+            spec.seed, self.series, self.length, self.window
+        )
         return TensorDataset(inputs, labels)
 
     def compute_loss(

@@ -11,7 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from resumable import operations
 from resumable.checkpoints.saver import CheckpointSaver
 from resumable.checkpoints.store import CheckpointStore
-from resumable.errors import CheckpointNotFound, NotResumable, OperationNotFound, ResumeConflict
+from resumable.errors import (
+    CheckpointNotFound,
+    NotResumable,
+    OperationNotFound,
+    ResumeConflict,
+)
 from resumable.resuming import Resumer
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
@@ -28,7 +33,14 @@ class FakeGateway:
     def flow_run_state(self, flow_run_id: str) -> str | None:
         return self.states.get(flow_run_id)
 
-    def schedule_training(self, *, deployment: str, parameters: dict[str, Any], idempotency_key: str, tags: list[str]) -> str:
+    def schedule_training(
+        self,
+        *,
+        deployment: str,
+        parameters: dict[str, Any],
+        idempotency_key: str,
+        tags: list[str],
+    ) -> str:
         run = self.scheduled.setdefault(idempotency_key, f"run-{uuid.uuid4().hex[:12]}")
         self.states[run] = "SCHEDULED"
         return run
@@ -40,29 +52,58 @@ def gateway() -> FakeGateway:
 
 
 @pytest.fixture
-def resumer(sessions: sessionmaker[Session], store: CheckpointStore, gateway: FakeGateway) -> Resumer:
+def resumer(
+    sessions: sessionmaker[Session], store: CheckpointStore, gateway: FakeGateway
+) -> Resumer:
     return Resumer(sessions, store, gateway, Settings(auto_resume_cap=1))
 
 
-def interrupted_operation(resumer: Resumer, gateway: FakeGateway, operation_id: str, state: str = "CANCELLED", checkpoint: bool = True) -> None:
+def interrupted_operation(
+    resumer: Resumer,
+    gateway: FakeGateway,
+    operation_id: str,
+    state: str = "CANCELLED",
+    checkpoint: bool = True,
+) -> None:
     with resumer.sessions.begin() as session:
-        operations.create_operation(session=session, operation_id=operation_id, spec=SPEC)
+        operations.create_operation(
+            session=session, operation_id=operation_id, spec=SPEC
+        )
     gateway.states[operation_id] = state
     if checkpoint:
         trainer = Trainer(SPEC)
         trainer.train(max_batches=5)
-        CheckpointSaver(resumer.store, operation_id=operation_id, flow_run_id=operation_id, policy=SPEC.checkpoint).save_blocking(trainer, "cancellation")
+        CheckpointSaver(
+            resumer.store,
+            operation_id=operation_id,
+            flow_run_id=operation_id,
+            policy=SPEC.checkpoint,
+        ).save_blocking(trainer, "cancellation")
 
 
-def test_a_cancelled_operation_resumes_from_its_checkpoint(resumer: Resumer, gateway: FakeGateway, operation_id: str) -> None:
+def test_a_cancelled_operation_resumes_from_its_checkpoint(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str
+) -> None:
     interrupted_operation(resumer, gateway, operation_id)
     result = resumer.resume(operation_id, owner="test")
-    assert result.status == "SCHEDULED" and result.flow_run_id in gateway.scheduled.values() and result.attempt == 2
-    assert (result.resumed_from.checkpoint_type, result.resumed_from.epoch, result.resumed_from.batch) == ("cancellation", 0, 5)
+    assert (
+        result.status == "SCHEDULED"
+        and result.flow_run_id in gateway.scheduled.values()
+        and result.attempt == 2
+    )
+    assert (
+        result.resumed_from.checkpoint_type,
+        result.resumed_from.epoch,
+        result.resumed_from.batch,
+    ) == ("cancellation", 0, 5)
 
 
-@pytest.mark.parametrize("state", ["RUNNING", "SCHEDULED", "PENDING", "CANCELLING", "PAUSED", "COMPLETED"])
-def test_an_operation_that_is_not_interrupted_is_not_resumable(resumer: Resumer, gateway: FakeGateway, operation_id: str, state: str) -> None:
+@pytest.mark.parametrize(
+    "state", ["RUNNING", "SCHEDULED", "PENDING", "CANCELLING", "PAUSED", "COMPLETED"]
+)
+def test_an_operation_that_is_not_interrupted_is_not_resumable(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str, state: str
+) -> None:
     interrupted_operation(resumer, gateway, operation_id, state=state)
     with pytest.raises(NotResumable, match=state) as caught:
         resumer.resume(operation_id, owner="test")
@@ -74,15 +115,23 @@ def test_an_unknown_operation_is_not_found(resumer: Resumer) -> None:
         resumer.resume("does-not-exist", owner="test")
 
 
-def test_without_a_checkpoint_the_claim_is_given_back(resumer: Resumer, gateway: FakeGateway, operation_id: str) -> None:
-    interrupted_operation(resumer, gateway, operation_id, state="CRASHED", checkpoint=False)
+def test_without_a_checkpoint_the_claim_is_given_back(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str
+) -> None:
+    interrupted_operation(
+        resumer, gateway, operation_id, state="CRASHED", checkpoint=False
+    )
     with pytest.raises(CheckpointNotFound):
         resumer.resume(operation_id, owner="first")
     with pytest.raises(CheckpointNotFound):
-        resumer.resume(operation_id, owner="second")  # not a conflict: nothing stayed claimed
+        resumer.resume(
+            operation_id, owner="second"
+        )  # not a conflict: nothing stayed claimed
 
 
-def test_a_second_resume_is_a_conflict_naming_the_winner(resumer: Resumer, gateway: FakeGateway, operation_id: str) -> None:
+def test_a_second_resume_is_a_conflict_naming_the_winner(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str
+) -> None:
     interrupted_operation(resumer, gateway, operation_id, state="FAILED")
     won = resumer.resume(operation_id, owner="first")
     with pytest.raises(ResumeConflict, match=won.flow_run_id) as caught:
@@ -90,7 +139,9 @@ def test_a_second_resume_is_a_conflict_naming_the_winner(resumer: Resumer, gatew
     assert caught.value.winner == "first"
 
 
-def test_a_resume_by_attempt_id_resumes_the_operation(resumer: Resumer, gateway: FakeGateway, operation_id: str) -> None:
+def test_a_resume_by_attempt_id_resumes_the_operation(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str
+) -> None:
     interrupted_operation(resumer, gateway, operation_id)
     first = resumer.resume(operation_id, owner="one")
     gateway.states[first.flow_run_id] = "CRASHED"
@@ -98,7 +149,9 @@ def test_a_resume_by_attempt_id_resumes_the_operation(resumer: Resumer, gateway:
     assert second.operation_id == operation_id and second.attempt == 3
 
 
-def test_automatic_resumes_stop_at_the_cap(resumer: Resumer, gateway: FakeGateway, operation_id: str) -> None:
+def test_automatic_resumes_stop_at_the_cap(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str
+) -> None:
     interrupted_operation(resumer, gateway, operation_id, state="CRASHED")
     first = resumer.resume(operation_id, owner="auto-1", automatic=True)
     gateway.states[first.flow_run_id] = "CRASHED"

@@ -28,7 +28,15 @@ def test_spec_refuses_absurd_values(fields: dict) -> None:
         TrainingSpec.model_validate({"recipe": "tiny", "epochs": 2, **fields})
 
 
-@pytest.mark.parametrize("fields", [{"every_epochs": 0}, {"every_seconds": -5}, {"every_seconds": 0.01}, {"keep_last": 0}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"every_epochs": 0},
+        {"every_seconds": -5},
+        {"every_seconds": 0.01},
+        {"keep_last": 0},
+    ],
+)
 def test_checkpoint_policy_refuses_absurd_intervals(fields: dict) -> None:
     with pytest.raises(ValidationError):
         CheckpointPolicy.model_validate(fields)
@@ -36,8 +44,16 @@ def test_checkpoint_policy_refuses_absurd_intervals(fields: dict) -> None:
 
 def test_fingerprint_ignores_epochs_device_and_policy_but_not_seed() -> None:
     base = TrainingSpec(recipe="tiny", epochs=2)
-    assert base.fingerprint() == base.model_copy(update={"epochs": 9, "device": "cpu"}).fingerprint()
-    assert base.fingerprint() == base.model_copy(update={"checkpoint": CheckpointPolicy(keep_last=9)}).fingerprint()
+    assert (
+        base.fingerprint()
+        == base.model_copy(update={"epochs": 9, "device": "cpu"}).fingerprint()
+    )
+    assert (
+        base.fingerprint()
+        == base.model_copy(
+            update={"checkpoint": CheckpointPolicy(keep_last=9)}
+        ).fingerprint()
+    )
     assert base.fingerprint() != base.model_copy(update={"seed": 1}).fingerprint()
 
 
@@ -59,7 +75,9 @@ def test_recipe_by_import_path_with_options() -> None:
     assert model[0].out_features == 4
 
 
-@pytest.mark.parametrize("path", ["os:getcwd", "resumable.recipes.tiny:Missing", "no_such_module:f"])
+@pytest.mark.parametrize(
+    "path", ["os:getcwd", "resumable.recipes.tiny:Missing", "no_such_module:f"]
+)
 def test_recipe_path_that_is_not_a_recipe_is_refused(path: str) -> None:
     with pytest.raises(UnknownRecipe):
         load_recipe(path)

@@ -17,10 +17,14 @@ SCRIPT = Path(__file__).parents[1] / "helpers" / "save_twice.py"
 
 
 @pytest.mark.parametrize("point", ["save_write", "save_manifest", "save_commit"])
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(db_url: str, tmp_path: Path, operation_id: str, point: str) -> None:
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(
+    db_url: str, tmp_path: Path, operation_id: str, point: str
+) -> None:
     plan = tmp_path / "faults.json"
     # The first save passes each point once; the fault waits for the second save's.
-    plan.write_text(json.dumps([{"at": point, "action": "pass"}, {"at": point, "action": "kill"}]))
+    plan.write_text(
+        json.dumps([{"at": point, "action": "pass"}, {"at": point, "action": "kill"}])
+    )
     root = (tmp_path / "checkpoints").as_uri()
 
     process = subprocess.run(
@@ -35,7 +39,11 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(db_url: str
     assert (latest.epoch, latest.batch) == (0, 4)
     loaded = store.load_latest_good(operation_id)
     assert loaded.record.id == latest.id and not loaded.skipped
-    staged = [r for r in store.list_checkpoints(operation_id, include_all=True) if r.status == "staging"]
+    staged = [
+        r
+        for r in store.list_checkpoints(operation_id, include_all=True)
+        if r.status == "staging"
+    ]
     assert len(staged) == 1
     assert store.clean_staged_leftovers(operation_id) == [staged[0].id]
     assert not Path(store.checkpoint_dir(operation_id, staged[0].id)).exists()

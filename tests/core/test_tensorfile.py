@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from resumable.checkpoints.tensorfile import map_tensor_file, read_tensor_file, write_tensor_file
+from resumable.checkpoints.tensorfile import (
+    map_tensor_file,
+    read_tensor_file,
+    write_tensor_file,
+)
 from resumable.errors import CheckpointCorrupted, UnsafeCheckpoint
 
 TENSORS = {
@@ -22,7 +26,9 @@ TENSORS = {
 }
 
 
-def test_both_readers_return_what_was_written_with_the_same_digest(tmp_path: Path) -> None:
+def test_both_readers_return_what_was_written_with_the_same_digest(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "t.safetensors"
     with open(path, "wb") as stream:
         _, written_digest = write_tensor_file(stream, TENSORS)
@@ -33,7 +39,9 @@ def test_both_readers_return_what_was_written_with_the_same_digest(tmp_path: Pat
     for loaded in (read, mapped):
         assert loaded.keys() == TENSORS.keys()
         for name, tensor in TENSORS.items():
-            assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+            assert (
+                torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+            )
 
 
 def test_a_changed_byte_changes_the_digest() -> None:
@@ -53,11 +61,21 @@ def test_a_changed_byte_changes_the_digest() -> None:
         (b"\x01\x02", CheckpointCorrupted),
         (struct.pack("<Q", 2**40) + b"{}", CheckpointCorrupted),
         (struct.pack("<Q", 8) + b"[1,2,3] ", CheckpointCorrupted),
-        (struct.pack("<Q", 48) + b'{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}'[:48], CheckpointCorrupted),
-        (struct.pack("<Q", 56) + b'{"x":{"dtype":"OBJ","shape":[1],"data_offsets":[0,4]}}  ', CheckpointCorrupted),
+        (
+            struct.pack("<Q", 48)
+            + b'{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}'[:48],
+            CheckpointCorrupted,
+        ),
+        (
+            struct.pack("<Q", 56)
+            + b'{"x":{"dtype":"OBJ","shape":[1],"data_offsets":[0,4]}}  ',
+            CheckpointCorrupted,
+        ),
     ],
 )
-def test_malformed_or_foreign_files_are_refused(data: bytes, error: type[Exception], tmp_path: Path) -> None:
+def test_malformed_or_foreign_files_are_refused(
+    data: bytes, error: type[Exception], tmp_path: Path
+) -> None:
     with pytest.raises(error):
         read_tensor_file(io.BytesIO(data), "t")
     path = tmp_path / "bad"

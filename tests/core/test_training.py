@@ -47,9 +47,22 @@ def assert_same_as_uninterrupted(trainer: Trainer, losses: list[float]) -> None:
         assert torch.equal(actual[key], tensor), key
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stops=st.lists(st.integers(min_value=1, max_value=TOTAL_BATCHES - 1), min_size=1, max_size=3, unique=True))
-def test_interrupted_runs_restored_from_the_store_match_an_uninterrupted_run(memory_store: CheckpointStore, stops: list[int]) -> None:
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    stops=st.lists(
+        st.integers(min_value=1, max_value=TOTAL_BATCHES - 1),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    )
+)
+def test_interrupted_runs_restored_from_the_store_match_an_uninterrupted_run(
+    memory_store: CheckpointStore, stops: list[int]
+) -> None:
     operation = f"op-{'-'.join(map(str, sorted(stops)))}-{id(stops)}"
     losses: list[float] = []
     done = 0
@@ -57,8 +70,15 @@ def test_interrupted_runs_restored_from_the_store_match_an_uninterrupted_run(mem
         trainer = Trainer(SPEC)
         if done:
             trainer.restore_state(memory_store.load_latest_good(operation).state)
-        trainer.train(max_batches=stop - done, on_batch_end=lambda r: losses.append(r.loss))
-        saver = CheckpointSaver(memory_store, operation_id=operation, flow_run_id=None, policy=SPEC.checkpoint)
+        trainer.train(
+            max_batches=stop - done, on_batch_end=lambda r: losses.append(r.loss)
+        )
+        saver = CheckpointSaver(
+            memory_store,
+            operation_id=operation,
+            flow_run_id=None,
+            policy=SPEC.checkpoint,
+        )
         saver.save_async(trainer).result()
         saver.close()
         done = stop
@@ -72,13 +92,25 @@ def test_a_fresh_process_continues_exactly(tmp_path: Path) -> None:
     trainer = Trainer(SPEC)
     losses: list[float] = []
     trainer.train(max_batches=7, on_batch_end=lambda r: losses.append(r.loss))
-    saver = CheckpointSaver(store, operation_id="op-fresh", flow_run_id=None, policy=SPEC.checkpoint)
+    saver = CheckpointSaver(
+        store, operation_id="op-fresh", flow_run_id=None, policy=SPEC.checkpoint
+    )
     saver.save_blocking(trainer, "cancellation")
 
     script = Path(__file__).parents[1] / "helpers" / "continue_in_process.py"
     out = tmp_path / "losses.json"
     subprocess.run(
-        [sys.executable, str(script), db_url, root, "op-fresh", SPEC.model_dump_json(), str(out)], check=True, timeout=120
+        [
+            sys.executable,
+            str(script),
+            db_url,
+            root,
+            "op-fresh",
+            SPEC.model_dump_json(),
+            str(out),
+        ],
+        check=True,
+        timeout=120,
     )
     losses += json.loads(out.read_text())
     final = Trainer(SPEC)
@@ -87,16 +119,22 @@ def test_a_fresh_process_continues_exactly(tmp_path: Path) -> None:
     assert_same_as_uninterrupted(final, losses)
 
 
-def test_a_failed_batch_is_saved_at_the_boundary_before_it(memory_store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_failed_batch_is_saved_at_the_boundary_before_it(
+    memory_store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     plan = tmp_path / "faults.json"
-    plan.write_text(json.dumps([{"at": "batch", "epoch": 1, "batch": 2, "action": "raise"}]))
+    plan.write_text(
+        json.dumps([{"at": "batch", "epoch": 1, "batch": 2, "action": "raise"}])
+    )
     monkeypatch.setenv("RESUMABLE_FAULT_PLAN", str(plan))
     trainer = Trainer(SPEC)
     losses: list[float] = []
     with pytest.raises(InjectedFault):
         trainer.train(on_batch_end=lambda r: losses.append(r.loss))
     assert (trainer.epoch, trainer.batch) == (1, 2)
-    saver = CheckpointSaver(memory_store, operation_id="op-failed", flow_run_id=None, policy=SPEC.checkpoint)
+    saver = CheckpointSaver(
+        memory_store, operation_id="op-failed", flow_run_id=None, policy=SPEC.checkpoint
+    )
     saver.save_blocking(trainer, "failure", after_failure=True)
 
     resumed = Trainer(SPEC)
@@ -105,17 +143,32 @@ def test_a_failed_batch_is_saved_at_the_boundary_before_it(memory_store: Checkpo
     assert_same_as_uninterrupted(resumed, losses)
 
 
-def test_history_and_best_metric_survive_a_resume(memory_store: CheckpointStore) -> None:
-    spec = SPEC.model_copy(update={"checkpoint": SPEC.checkpoint.model_copy(update={"keep_best_metric": "loss"})})
+def test_history_and_best_metric_survive_a_resume(
+    memory_store: CheckpointStore,
+) -> None:
+    spec = SPEC.model_copy(
+        update={
+            "checkpoint": SPEC.checkpoint.model_copy(
+                update={"keep_best_metric": "loss"}
+            )
+        }
+    )
     whole = Trainer(spec)
     whole.train()
     part = Trainer(spec)
     part.train(max_batches=9)
-    state = part.capture_state()  # before another trainer reseeds the process-wide generators
+    # Captured before another trainer reseeds the process-wide generators.
+    state = part.capture_state()
     resumed = Trainer(spec)
     resumed.restore_state(state)
     resumed.train()
-    strip = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in history]  # noqa: E731
+
+    def strip(history):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
+            for r in history
+        ]
+
     assert strip(resumed.history) == strip(whole.history)
     assert resumed.best_metric == whole.best_metric
 
@@ -123,12 +176,17 @@ def test_history_and_best_metric_survive_a_resume(memory_store: CheckpointStore)
 def test_restoring_onto_another_model_shape_lists_the_differences() -> None:
     trainer = Trainer(SPEC)
     state = trainer.capture_state()
-    wider = TrainingSpec(recipe="tiny", recipe_options={"hidden": 32}, epochs=3, batch_size=16, seed=11)
+    wider = TrainingSpec(
+        recipe="tiny", recipe_options={"hidden": 32}, epochs=3, batch_size=16, seed=11
+    )
     with pytest.raises(IncompatibleCheckpoint) as caught:
         Trainer(wider).restore_state(state, "ckpt-1")
     message = str(caught.value)
     assert "recipe_options" in message
-    assert "parameter 0.weight has shape [16, 8] in the checkpoint, [32, 8] in the model" in message
+    assert (
+        "parameter 0.weight has shape [16, 8] in the checkpoint, [32, 8] in the model"
+        in message
+    )
 
 
 def test_restoring_with_another_seed_is_refused() -> None:
@@ -137,11 +195,15 @@ def test_restoring_with_another_seed_is_refused() -> None:
         Trainer(SPEC.model_copy(update={"seed": 12})).restore_state(state)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the error on a machine without CUDA"
+)
 def test_asking_for_cuda_without_one_fails_at_once() -> None:
     with pytest.raises(DeviceUnavailable, match="no usable CUDA device"):
         resolve_device("cuda")
 
 
 def test_auto_device_picks_cuda_only_when_present() -> None:
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto").type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )

@@ -37,7 +37,9 @@ pytestmark = pytest.mark.slow
 def fresh_postgres_database(name: str) -> str:
     url = make_url(POSTGRES_URL).set(database=name)
     ensure_postgres_database(url.render_as_string(hide_password=False))
-    admin = f"host={url.host} port={url.port or 5432} user={url.username} dbname=postgres"
+    admin = (
+        f"host={url.host} port={url.port or 5432} user={url.username} dbname=postgres"
+    )
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         connection.execute(f'CREATE DATABASE "{name}"')
@@ -62,7 +64,11 @@ class Stack:
         from prefect.deployments import run_deployment
 
         run = run_deployment(
-            "train-model/gpu", parameters={"spec": spec.model_dump(mode="json")}, timeout=0, as_subflow=False, **kwargs
+            "train-model/gpu",
+            parameters={"spec": spec.model_dump(mode="json")},
+            timeout=0,
+            as_subflow=False,
+            **kwargs,
         )
         return str(run.id)
 
@@ -70,7 +76,10 @@ class Stack:
         from prefect.deployments import run_deployment
 
         run = run_deployment(
-            "resume-training/default", parameters={"operation_id": operation_id}, timeout=0, as_subflow=False
+            "resume-training/default",
+            parameters={"operation_id": operation_id},
+            timeout=0,
+            as_subflow=False,
         )
         self.wait_final(str(run.id), timeout)
         return self.client.read_flow_run(run.id)
@@ -79,18 +88,30 @@ class Stack:
         return self.client.read_flow_run(uuid.UUID(flow_run_id)).state
 
     def wait_final(self, flow_run_id: str, timeout: float = 180) -> State:
-        return wait_for(lambda: _final(self.state(flow_run_id)), timeout, f"flow run {flow_run_id} to end")
-
-    def wait_state(self, flow_run_id: str, state_type: str, timeout: float = 120) -> State:
         return wait_for(
-            lambda: (s := self.state(flow_run_id)) is not None and s.type.value == state_type and s,
+            lambda: _final(self.state(flow_run_id)),
+            timeout,
+            f"flow run {flow_run_id} to end",
+        )
+
+    def wait_state(
+        self, flow_run_id: str, state_type: str, timeout: float = 120
+    ) -> State:
+        return wait_for(
+            lambda: (
+                (s := self.state(flow_run_id)) is not None
+                and s.type.value == state_type
+                and s
+            ),
             timeout,
             f"flow run {flow_run_id} to be {state_type}",
         )
 
     def continuation_of(self, operation_id: str) -> str:
         with runtime.sessions(self.settings)() as session:
-            run = operations.get_operation(session=session, id_or_run=operation_id).continuation_run_id
+            run = operations.get_operation(
+                session=session, id_or_run=operation_id
+            ).continuation_run_id
         assert run is not None, f"operation {operation_id} has no continuation"
         return run
 
@@ -125,8 +146,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     local.up(progress=False)
     settings = Settings(data_dir=data_dir, database_url=database_url)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: local.api_url}), get_client(sync_client=True) as client:
-            yield Stack(local=local, settings=settings, fault_plan=fault_plan, client=client)
+        with (
+            temporary_settings(updates={PREFECT_API_URL: local.api_url}),
+            get_client(sync_client=True) as client,
+        ):
+            yield Stack(
+                local=local, settings=settings, fault_plan=fault_plan, client=client
+            )
     finally:
         local.down(progress=False)
 
@@ -141,10 +167,16 @@ def _clear_fault_plan(request: pytest.FixtureRequest) -> Iterator[None]:
 def uninterrupted_tensors(spec: TrainingSpec) -> dict[str, torch.Tensor]:
     trainer = Trainer(spec)
     trainer.train()
-    return {k: v.clone() for k, v in trainer.capture_state().tensors.items() if not k.startswith("rng.")}
+    return {
+        k: v.clone()
+        for k, v in trainer.capture_state().tensors.items()
+        if not k.startswith("rng.")
+    }
 
 
-def assert_bit_identical(stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def assert_bit_identical(
+    stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
     stored = {k: v for k, v in stored.items() if not k.startswith("rng.")}
     assert stored.keys() == expected.keys()
     different = [k for k in expected if not torch.equal(stored[k], expected[k])]

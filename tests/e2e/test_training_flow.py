@@ -10,18 +10,34 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.states import Cancelling
 
 from resumable.spec import CheckpointPolicy, TrainingSpec
-from tests.e2e.conftest import Stack, assert_bit_identical, uninterrupted_tensors, wait_for
+from tests.e2e.conftest import (
+    Stack,
+    assert_bit_identical,
+    uninterrupted_tensors,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 SPEC = TrainingSpec(
-    recipe="tiny", recipe_options={"seconds_per_batch": 0.12}, epochs=4, batch_size=16, seed=5, device="cpu"
+    recipe="tiny",
+    recipe_options={"seconds_per_batch": 0.12},
+    epochs=4,
+    batch_size=16,
+    seed=5,
+    device="cpu",
 )
 
 
-def test_a_run_cancelled_mid_epoch_resumes_from_the_next_batch_to_the_same_parameters(stack: Stack) -> None:
+def test_a_run_cancelled_mid_epoch_resumes_from_the_next_batch_to_the_same_parameters(
+    stack: Stack,
+) -> None:
     operation_id = stack.start_training(SPEC)
-    wait_for(lambda: stack.store.latest_good(operation_id), 90, "the first periodic checkpoint")
+    wait_for(
+        lambda: stack.store.latest_good(operation_id),
+        90,
+        "the first periodic checkpoint",
+    )
 
     stack.client.set_flow_run_state(operation_id, Cancelling(message="test"))
     state = stack.wait_final(operation_id, 60)
@@ -34,7 +50,10 @@ def test_a_run_cancelled_mid_epoch_resumes_from_the_next_batch_to_the_same_param
 
     resume = stack.resume(operation_id)
     assert resume.state.type.value == "COMPLETED", resume.state.message
-    assert f"cancellation checkpoint (epoch {stopped.epoch}, batch {stopped.batch})" in resume.state.message
+    assert (
+        f"cancellation checkpoint (epoch {stopped.epoch}, batch {stopped.batch})"
+        in resume.state.message
+    )
     continuation = stack.continuation_of(operation_id)
     assert stack.wait_final(continuation).type.value == "COMPLETED"
 
@@ -44,7 +63,9 @@ def test_a_run_cancelled_mid_epoch_resumes_from_the_next_batch_to_the_same_param
     assert_bit_identical(final.state.tensors, uninterrupted_tensors(SPEC))
 
 
-def test_an_exception_at_a_chosen_batch_fails_with_a_failure_checkpoint_and_resumes_bit_identical(stack: Stack) -> None:
+def test_an_exception_at_a_chosen_batch_fails_with_a_failure_checkpoint_and_resumes_bit_identical(
+    stack: Stack,
+) -> None:
     stack.plan_faults({"at": "batch", "epoch": 2, "batch": 3, "action": "raise"})
     operation_id = stack.start_training(SPEC)
 
@@ -57,11 +78,18 @@ def test_an_exception_at_a_chosen_batch_fails_with_a_failure_checkpoint_and_resu
 
     resume = stack.resume(operation_id)
     assert resume.state.type.value == "COMPLETED", resume.state.message
-    assert stack.wait_final(stack.continuation_of(operation_id)).type.value == "COMPLETED"
-    assert_bit_identical(stack.store.load_latest_good(operation_id).state.tensors, uninterrupted_tensors(SPEC))
+    assert (
+        stack.wait_final(stack.continuation_of(operation_id)).type.value == "COMPLETED"
+    )
+    assert_bit_identical(
+        stack.store.load_latest_good(operation_id).state.tensors,
+        uninterrupted_tensors(SPEC),
+    )
 
 
-def test_a_killed_run_crashes_and_resumes_from_its_last_periodic_checkpoint(stack: Stack) -> None:
+def test_a_killed_run_crashes_and_resumes_from_its_last_periodic_checkpoint(
+    stack: Stack,
+) -> None:
     stack.plan_faults({"at": "batch", "epoch": 2, "batch": 4, "action": "kill"})
     operation_id = stack.start_training(SPEC)
 
@@ -72,12 +100,21 @@ def test_a_killed_run_crashes_and_resumes_from_its_last_periodic_checkpoint(stac
     assert (latest.kind, latest.epoch, latest.batch) == ("periodic", 2, 0)
     resume = stack.resume(operation_id)
     assert "periodic checkpoint (epoch 2, batch 0)" in resume.state.message
-    assert stack.wait_final(stack.continuation_of(operation_id)).type.value == "COMPLETED"
-    assert_bit_identical(stack.store.load_latest_good(operation_id).state.tensors, uninterrupted_tensors(SPEC))
+    assert (
+        stack.wait_final(stack.continuation_of(operation_id)).type.value == "COMPLETED"
+    )
+    assert_bit_identical(
+        stack.store.load_latest_good(operation_id).state.tensors,
+        uninterrupted_tensors(SPEC),
+    )
 
 
-def test_resume_is_refused_for_a_running_and_then_a_completed_operation(stack: Stack) -> None:
-    slow = SPEC.model_copy(update={"epochs": 2, "recipe_options": {"seconds_per_batch": 0.6}})
+def test_resume_is_refused_for_a_running_and_then_a_completed_operation(
+    stack: Stack,
+) -> None:
+    slow = SPEC.model_copy(
+        update={"epochs": 2, "recipe_options": {"seconds_per_batch": 0.6}}
+    )
     operation_id = stack.start_training(slow)
     stack.wait_state(operation_id, "RUNNING")
 
@@ -99,7 +136,9 @@ def test_resume_of_an_unknown_operation_is_refused_as_not_found(stack: Stack) ->
 
 def test_resume_of_an_operation_without_a_checkpoint_is_refused(stack: Stack) -> None:
     stack.plan_faults({"at": "batch", "epoch": 0, "batch": 2, "action": "kill"})
-    operation_id = stack.start_training(SPEC.model_copy(update={"checkpoint": CheckpointPolicy(every_epochs=None)}))
+    operation_id = stack.start_training(
+        SPEC.model_copy(update={"checkpoint": CheckpointPolicy(every_epochs=None)})
+    )
     assert stack.wait_final(operation_id, 90).type.value == "CRASHED"
 
     refused = stack.resume(operation_id)
@@ -108,7 +147,9 @@ def test_resume_of_an_operation_without_a_checkpoint_is_refused(stack: Stack) ->
     assert "has no good checkpoint" in refused.state.message
 
 
-def test_ten_concurrent_resume_runs_schedule_exactly_one_training_run(stack: Stack) -> None:
+def test_ten_concurrent_resume_runs_schedule_exactly_one_training_run(
+    stack: Stack,
+) -> None:
     from prefect.deployments import run_deployment
 
     stack.plan_faults({"at": "batch", "epoch": 1, "batch": 2, "action": "raise"})
@@ -116,7 +157,12 @@ def test_ten_concurrent_resume_runs_schedule_exactly_one_training_run(stack: Sta
     assert stack.wait_final(operation_id, 90).type.value == "FAILED"
 
     def start_resume() -> object:
-        return run_deployment("resume-training/default", parameters={"operation_id": operation_id}, timeout=0, as_subflow=False)
+        return run_deployment(
+            "resume-training/default",
+            parameters={"operation_id": operation_id},
+            timeout=0,
+            as_subflow=False,
+        )
 
     # Each thread runs in a copy of this context, which holds the stack's Prefect settings.
     contexts = [contextvars.copy_context() for _ in range(10)]
@@ -128,9 +174,13 @@ def test_ten_concurrent_resume_runs_schedule_exactly_one_training_run(stack: Sta
     assert len(completed) == 1, [s.message for s in states]
     continuation = stack.continuation_of(operation_id)
     for refused in (s for s in states if s.type.value != "COMPLETED"):
-        assert refused.type.value == "FAILED" and continuation in refused.message, refused.message
+        assert refused.type.value == "FAILED" and continuation in refused.message, (
+            refused.message
+        )
     scheduled = stack.client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"operation:{operation_id}"]))
+        flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"operation:{operation_id}"])
+        )
     )
     assert [str(run.id) for run in scheduled] == [continuation]
     assert stack.wait_final(continuation).type.value == "COMPLETED"

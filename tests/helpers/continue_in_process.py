@@ -16,6 +16,8 @@ trainer = Trainer(spec)
 trainer.restore_state(store.load_latest_good(operation_id).state)
 losses: list[float] = []
 trainer.train(on_batch_end=lambda r: losses.append(r.loss))
-CheckpointSaver(store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint).save_blocking(trainer, "final")
+CheckpointSaver(
+    store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint
+).save_blocking(trainer, "final")
 with open(out, "w") as stream:
     json.dump(losses, stream)

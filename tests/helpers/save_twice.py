@@ -12,7 +12,9 @@ db_url, root, operation_id = sys.argv[1:4]
 spec = TrainingSpec(recipe="tiny", epochs=3, batch_size=16)
 store = CheckpointStore(session_factory(db_url), root)
 trainer = Trainer(spec)
-saver = CheckpointSaver(store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint)
+saver = CheckpointSaver(
+    store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint
+)
 trainer.train(max_batches=4)
 saver.save_blocking(trainer, "periodic")
 trainer.train(max_batches=4)
