@@ -6,7 +6,7 @@ import signal
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import TerminationSignal
+from prefect.exceptions import Pause, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, State
 
@@ -22,6 +22,13 @@ from tasks.training import (
     start_operation,
     train_epoch,
 )
+
+
+def flow_run_state() -> State | None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run.id).state
 
 
 @flow(name="train-model", flow_run_name="train-{spec.recipe}", persist_result=False)
@@ -92,10 +99,17 @@ def train_model(
                     f"({run.stop.reason}); cancellation checkpoint {checkpoint['id']} is committed"
                 )
                 logger.info(message)
-                if run.stop.signalled and run.stop.current_state() not in (
-                    "CANCELLING",
-                    "CANCELLED",
-                ):
+                current = run.stop.current_state()
+                if run.stop.reason == "pause" or current == "PAUSED":
+                    # Paused from the UI: leave the run PAUSED and its worker free; Resume starts
+                    # this flow run again from the top, and it continues from this checkpoint.
+                    final_state = "PAUSED"
+                    logger.info(
+                        "%s paused; resume it from the Prefect UI to continue",
+                        run.label,
+                    )
+                    raise Pause(state=flow_run_state())
+                if run.stop.signalled and current not in ("CANCELLING", "CANCELLED"):
                     # A SIGTERM that is not a Prefect cancellation (a node shutting down): end as the
                     # signal asks, through Prefect's own handling, after the checkpoint is safe.
                     final_state = "CRASHED"
@@ -111,6 +125,25 @@ def train_model(
                 "final_checkpoint": checkpoint,
                 "history": run.trainer.history,
             }
+        except Pause:
+            # Prefect refuses to start a task of a paused run, so the pause may surface here,
+            # from the task call, rather than through the stop requests: save without a task.
+            if (
+                run.trainer is not None
+                and run.started
+                and run.trainer.is_consistent
+                and final_state != "PAUSED"
+            ):
+                checkpoint = save_checkpoint.fn(run, "cancellation")
+                logger.info(
+                    "%s paused at epoch %d batch %d; checkpoint %s is committed",
+                    run.label,
+                    checkpoint["epoch"],
+                    checkpoint["batch"],
+                    checkpoint["id"],
+                )
+            final_state = "PAUSED"
+            raise
         except Exception:
             trainer = run.trainer
             if trainer is not None and run.started and trainer.is_consistent:

@@ -82,6 +82,10 @@ class NotResumable(ResumableError):
         self.state = state
 
 
+class NotCancellable(ResumableError):
+    """The operation's latest attempt has already ended, so there is nothing to cancel."""
+
+
 class ResumeConflict(NotResumable):
     """Another request already claimed the resume of this interrupted attempt."""
 

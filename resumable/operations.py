@@ -13,6 +13,7 @@ conditional UPDATEs, which the database applies atomically on PostgreSQL and SQL
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -134,10 +135,20 @@ def record_state(
 
 
 def acquire_trainer(
-    *, session: Session, operation_id: str, flow_run_id: str
+    *,
+    session: Session,
+    operation_id: str,
+    flow_run_id: str,
+    holder_has_ended: Callable[[str], bool] | None = None,
 ) -> str | None:
-    """Take the operation's trainer lease; returns None on success, else the run that holds it."""
-    result = session.execute(
+    """Take the operation's trainer lease and make this run its latest attempt.
+
+    Returns None on success, else the run that holds the lease. A lease whose holder has
+    ended (`holder_has_ended`, asked of Prefect) is taken over, again by a conditional
+    UPDATE, so a run that crashed while holding it does not block its operation forever.
+    A run that loses does not stay the latest attempt.
+    """
+    taken = session.execute(
         update(Operation)
         .where(
             Operation.id == operation_id,
@@ -146,12 +157,34 @@ def acquire_trainer(
                 Operation.trainer_run_id == flow_run_id,
             ),
         )
-        .values(trainer_run_id=flow_run_id, updated_at=utcnow())
+        .values(
+            trainer_run_id=flow_run_id, latest_run_id=flow_run_id, updated_at=utcnow()
+        )
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
+    if taken.rowcount == 1:  # type: ignore[attr-defined]
         return None
     holder = session.scalar(
         select(Operation.trainer_run_id).where(Operation.id == operation_id)
+    )
+    if holder is not None and holder_has_ended is not None and holder_has_ended(holder):
+        taken = session.execute(
+            update(Operation)
+            .where(Operation.id == operation_id, Operation.trainer_run_id == holder)
+            .values(
+                trainer_run_id=flow_run_id,
+                latest_run_id=flow_run_id,
+                updated_at=utcnow(),
+            )
+        )
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            return None
+        holder = session.scalar(
+            select(Operation.trainer_run_id).where(Operation.id == operation_id)
+        )
+    session.execute(
+        update(Operation)
+        .where(Operation.id == operation_id, Operation.latest_run_id == flow_run_id)
+        .values(latest_run_id=Operation.trainer_run_id)
     )
     return holder or "(unknown)"
 
@@ -208,8 +241,6 @@ def claim_resume(
         "claim_owner": owner,
         "claimed_at": utcnow(),
         "continuation_run_id": None,
-        # The interrupted run is over, so its trainer lease is too.
-        "trainer_run_id": None,
         "updated_at": utcnow(),
     }
     if automatic:

@@ -21,11 +21,23 @@ def _unavailable(err: Exception) -> OrchestratorUnavailable:
     )
 
 
+def _require_api_url() -> None:
+    """Refuse to start Prefect's ephemeral in-process server, which would know none of our runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise OrchestratorUnavailable(
+            "PREFECT_API_URL is not set; point it at the Prefect server that runs the training "
+            "(for the local stack: `export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+        )
+
+
 class PrefectGateway:
     def flow_run_state(self, flow_run_id: str) -> str | None:
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
+        _require_api_url()
         try:
             run_id = uuid.UUID(flow_run_id)
         except ValueError:
@@ -49,6 +61,7 @@ class PrefectGateway:
     ) -> str:
         from prefect.deployments import run_deployment
 
+        _require_api_url()
         try:
             flow_run = run_deployment(
                 deployment,
@@ -62,11 +75,22 @@ class PrefectGateway:
             raise _unavailable(err) from err
         return str(flow_run.id)  # type: ignore[union-attr]  # sync context: a FlowRun, not a coroutine
 
-    def check_reachable(self) -> None:
-        from prefect.client.orchestration import get_client
+    def cancel(self, flow_run_id: str) -> str:
+        return cancel_flow_run(flow_run_id)
 
-        try:
-            with get_client(sync_client=True) as client:
-                client.api_healthcheck()
-        except (httpx.HTTPError, OSError) as err:
-            raise _unavailable(err) from err
+
+def cancel_flow_run(flow_run_id: str) -> str:
+    """Ask Prefect to cancel a flow run (its worker then signals it); returns the new state type."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    _require_api_url()
+    try:
+        with get_client(sync_client=True) as client:
+            result = client.set_flow_run_state(
+                uuid.UUID(flow_run_id),
+                Cancelling(message="cancelled through resumable"),
+            )
+    except (httpx.HTTPError, OSError) as err:
+        raise _unavailable(err) from err
+    return result.state.type.value if result.state else "CANCELLING"

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
-from resumable import operations
+from resumable import faults, operations
 from resumable.checkpoints.store import CheckpointRecord, CheckpointStore
 from resumable.errors import (
     CheckpointNotFound,
@@ -55,6 +55,10 @@ class RunGateway(Protocol):
         tags: list[str],
     ) -> str:
         """Create a flow run of `deployment` (or return the one this key already made); its id."""
+        ...
+
+    def cancel(self, flow_run_id: str) -> str:
+        """Ask for a flow run to be cancelled; its new state type."""
         ...
 
 
@@ -248,5 +252,14 @@ class Resumer:
         """All four steps in one call, as the operations API and CLI use them."""
         candidate = self.validate(id_or_run)
         self.claim(candidate, owner=owner, automatic=automatic)
+        faults.fire("resume_after_claim")
         record = self.verify_checkpoint(candidate, owner=owner)
-        return self.schedule(candidate, record, owner=owner)
+        try:
+            return self.schedule(candidate, record, owner=owner)
+        except OrchestratorUnavailable:
+            # Nothing was scheduled: give the claim back rather than leave it to expire.
+            with self.sessions.begin() as session:
+                operations.release_claim(
+                    session=session, operation_id=candidate.operation_id, owner=owner
+                )
+            raise

@@ -7,7 +7,7 @@ from functools import lru_cache
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from resumable import runtime
+from resumable import faults, runtime
 from resumable.checkpoints.store import CheckpointRecord
 from resumable.prefect_gateway import PrefectGateway
 from resumable.resuming import ResumeCandidate, Resumer, ResumeResult
@@ -37,6 +37,7 @@ def claim_resume(
 ) -> None:
     """Take the resume of the interrupted attempt with one conditional UPDATE; one claimer wins."""
     resumer().claim(candidate, owner=owner, automatic=automatic)
+    faults.fire("resume_after_claim")
 
 
 @task(name="load-last-good-checkpoint", cache_policy=NO_CACHE)

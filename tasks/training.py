@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +142,16 @@ def start_operation(
         operation_id, number = operation.id, attempt.number
 
     completed = False
-    if restore_from is not None:
+    if restore_from == "latest":
         latest = runtime.checkpoint_store().latest_good(operation_id)
         completed = latest is not None and latest.kind == "final"
+        if latest is None:
+            logger.info(
+                "operation %s has no checkpoint yet: this run starts it from the beginning",
+                operation_id,
+            )
+            restore_from = None
+    _label_attempt(flow_run_id, operation_id, number, resume)
     logger.info(
         "operation %s attempt %d: %s",
         operation_id,
@@ -158,6 +166,54 @@ def start_operation(
         restore_from=restore_from,
         already_completed=completed,
     )
+
+
+def _run_has_ended(flow_run_id: str) -> bool:
+    """Whether a flow run is in a final state (so the trainer lease it holds is free)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(flow_run_id)).state
+    except Exception:  # unknown or unreadable: assume it may still train
+        return False
+    return state is not None and state.is_final()
+
+
+def _label_attempt(
+    flow_run_id: str, operation_id: str, attempt: int, resume: ResumeReference | None
+) -> None:
+    """Tag the run with its operation and attempt, and link a resumed attempt to where it came from."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+
+    tags = {f"operation:{operation_id}", f"attempt:{attempt}"}
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(flow_run_id))
+        if not tags <= set(run.tags):
+            client.update_flow_run(run.id, tags=sorted(set(run.tags) | tags))
+    if attempt > 1:
+        with runtime.sessions()() as session:
+            attempts = operations.list_attempts(
+                session=session, operation_id=operation_id
+            )
+        previous = [a for a in attempts if a.number < attempt]
+        lines = [f"Attempt {attempt} of operation `{operation_id}`."]
+        if previous:
+            lines.append(
+                f"Previous attempt: [{previous[-1].flow_run_id}](/runs/flow-run/{previous[-1].flow_run_id})."
+            )
+        checkpoint = (
+            resume.checkpoint_id
+            if resume and resume.checkpoint_id
+            else "the latest good checkpoint"
+        )
+        lines.append(f"Resumed from checkpoint `{checkpoint}`.")
+        create_markdown_artifact(
+            markdown="\n\n".join(lines),
+            key=f"lineage-{operation_id}".lower()[:100],
+            description="Where this attempt came from",
+        )
 
 
 @task(name="build-trainer", cache_policy=NO_CACHE)

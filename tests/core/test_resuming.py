@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,29 +18,9 @@ from resumable.resuming import Resumer
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
 from resumable.training import Trainer
+from tests.helpers.fakes import FakeGateway
 
 SPEC = TrainingSpec(recipe="tiny", epochs=2, batch_size=16)
-
-
-class FakeGateway:
-    def __init__(self) -> None:
-        self.states: dict[str, str] = {}
-        self.scheduled: dict[str, str] = {}
-
-    def flow_run_state(self, flow_run_id: str) -> str | None:
-        return self.states.get(flow_run_id)
-
-    def schedule_training(
-        self,
-        *,
-        deployment: str,
-        parameters: dict[str, Any],
-        idempotency_key: str,
-        tags: list[str],
-    ) -> str:
-        run = self.scheduled.setdefault(idempotency_key, f"run-{uuid.uuid4().hex[:12]}")
-        self.states[run] = "SCHEDULED"
-        return run
 
 
 @pytest.fixture
