@@ -67,6 +67,9 @@ class LocalStack:
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+            # So that `prefect deployment run --watch` shows the runs' log lines, refusals included.
+            "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+            "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
             "RESUMABLE_DATA_DIR": str(self.data_dir),
             "RESUMABLE_PROJECT_DIR": str(PROJECT_DIR),
             "PYTHONUNBUFFERED": "1",

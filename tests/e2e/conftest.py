@@ -181,3 +181,53 @@ def assert_bit_identical(
     assert stored.keys() == expected.keys()
     different = [k for k in expected if not torch.equal(stored[k], expected[k])]
     assert not different, f"tensors differ from the uninterrupted run: {different}"
+
+
+@dataclass
+class ApiServer:
+    url: str
+    process: Any
+
+
+def start_api_server(
+    stack: Stack, extra_env: dict[str, str] | None = None
+) -> ApiServer:
+    """`resumable api` in its own process, with the stack's settings; returns once it answers."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, **stack.local.env(), **(extra_env or {})}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("resumable")), "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None and pytest.fail("`resumable api` exited")
+
+    wait_for(answers, 60, "the operations API to answer")
+    return ApiServer(url=url, process=process)
+
+
+@pytest.fixture(scope="session")
+def api_server(stack: Stack) -> Iterator[ApiServer]:
+    server = start_api_server(stack)
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+def cli_env(stack: Stack, **extra: str) -> dict[str, str]:
+    import os
+
+    return {**os.environ, **stack.local.env(), **extra}
