@@ -43,6 +43,7 @@ class LocalStack:
     prefect_database_url: str | None = None
     workers: tuple[str, ...] = POOLS
     extra_env: dict[str, str] = field(default_factory=dict)
+    auto_resume: tuple[str, ...] = ()  # "crashed" and/or "failed"; empty: off
 
     @property
     def api_url(self) -> str:
@@ -113,6 +114,18 @@ class LocalStack:
             )
         return result
 
+    def _cli_python(self, code: str, *args: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=PROJECT_DIR,
+            env=self._run_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{code!r} failed:\n{result.stdout}\n{result.stderr}")
+
     def healthy(self) -> bool:
         try:
             return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
@@ -161,6 +174,12 @@ class LocalStack:
                 )
         say("deploying train-model/gpu and resume-training/default ...")
         self._cli("--no-prompt", "deploy", "--all")
+        if self.auto_resume:
+            self._cli_python(
+                "from deployments.automations import enable_auto_resume; import sys; enable_auto_resume(sys.argv[1].split(','))",
+                ",".join(self.auto_resume),
+            )
+            say(f"auto-resume is on for {', '.join(self.auto_resume)} training runs")
         for pool in self.workers:
             pids[f"worker-{pool}"] = self._spawn(
                 f"worker-{pool}",

@@ -12,6 +12,7 @@ from resumable.resuming import ResumeResult
 from tasks.resuming import (
     claim_resume,
     load_last_good_checkpoint,
+    report_refusal,
     schedule_remaining_epochs,
     validate_resume,
 )
@@ -46,6 +47,7 @@ def resume_training(operation_id: str, automatic: bool = False) -> State:
         record = load_last_good_checkpoint(candidate, owner)
         result = schedule_remaining_epochs(candidate, record, owner)
     except ResumableError as err:
+        report_refusal(operation_id, err, owner)
         message = f"Resume refused: {err}"
         logger.error(message)
         return Failed(message=message)

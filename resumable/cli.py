@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -268,6 +269,40 @@ def cancel(operation_id: IdArgument, as_json: JsonOption = False) -> None:
             f"Cancelling flow run {result.flow_run_id} of operation {result.operation_id} ({result.status})",
             highlight=False,
         )
+
+
+@app.command()
+def plot(
+    operation_id: IdArgument,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="PNG file to write (default: loss-<operation>.png)."
+        ),
+    ] = None,
+) -> None:
+    """Draw the operation's loss curve, across every attempt, to a PNG file."""
+    from resumable.charts import text_chart, write_loss_png
+
+    with reported():
+        svc = service()
+        checkpoints = svc.checkpoints(operation_id)
+        if not checkpoints:
+            raise CheckpointNotFound(operation_id, "nothing to plot")
+        history = svc.store.load_meta(checkpoints[0].id)["history"]
+        detail_id = svc.get(operation_id).id
+    if not history:
+        _fail(
+            ResumableError(
+                f"operation {detail_id} has not finished an epoch yet; nothing to plot"
+            ),
+            EXIT_NOT_FOUND,
+        )
+    path = write_loss_png(
+        history, output or Path(f"loss-{detail_id}.png"), title=f"operation {detail_id}"
+    )
+    out.print(text_chart([record["loss"] for record in history]), highlight=False)
+    out.print(f"wrote {path}", highlight=False)
 
 
 @app.command()

@@ -6,12 +6,16 @@ answer 503 and the CLI exit with code 5, with nothing claimed.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import httpx
 
+from resumable.events import operation_resource
 from resumable.resuming import OrchestratorUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 def _unavailable(err: Exception) -> OrchestratorUnavailable:
@@ -78,6 +82,54 @@ class PrefectGateway:
     def cancel(self, flow_run_id: str) -> str:
         return cancel_flow_run(flow_run_id)
 
+    def emit(
+        self,
+        event: str,
+        operation_id: str,
+        payload: dict[str, Any],
+        flow_run_id: str | None = None,
+    ) -> None:
+        emit_operation_event(event, operation_id, payload, flow_run_id=flow_run_id)
+
+
+def emit_operation_event(
+    event: str,
+    operation_id: str,
+    payload: dict[str, Any],
+    *,
+    flow_run_id: str | None = None,
+    deployment_id: str | None = None,
+) -> None:
+    """Emit a Prefect event about an operation; a failure to emit is logged, never raised."""
+    from prefect.events import emit_event
+
+    related = []
+    if flow_run_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.role": "flow-run",
+            }
+        )
+    if deployment_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+                "prefect.resource.role": "deployment",
+            }
+        )
+    try:
+        emit_event(
+            event=event,
+            resource=operation_resource(operation_id),
+            related=related,
+            payload=payload,
+        )
+    except (
+        Exception
+    ) as err:  # events are for people and automations; never fail the work for them
+        logger.warning("operation %s: could not emit %s: %s", operation_id, event, err)
+
 
 def cancel_flow_run(flow_run_id: str) -> str:
     """Ask Prefect to cancel a flow run (its worker then signals it); returns the new state type."""
@@ -87,7 +139,7 @@ def cancel_flow_run(flow_run_id: str) -> str:
     _require_api_url()
     try:
         with get_client(sync_client=True) as client:
-            result = client.set_flow_run_state(
+            result: Any = client.set_flow_run_state(
                 uuid.UUID(flow_run_id),
                 Cancelling(message="cancelled through resumable"),
             )

@@ -20,11 +20,13 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
-from resumable import faults, operations
+from resumable import events, faults, operations
 from resumable.checkpoints.store import CheckpointRecord, CheckpointStore
 from resumable.errors import (
     CheckpointNotFound,
+    InvalidSpec,
     NotResumable,
+    OperationNotFound,
     ResumableError,
     ResumeConflict,
 )
@@ -59,6 +61,16 @@ class RunGateway(Protocol):
 
     def cancel(self, flow_run_id: str) -> str:
         """Ask for a flow run to be cancelled; its new state type."""
+        ...
+
+    def emit(
+        self,
+        event: str,
+        operation_id: str,
+        payload: dict[str, Any],
+        flow_run_id: str | None = None,
+    ) -> None:
+        """Publish an event about an operation (see `resumable.events`); never raises."""
         ...
 
 
@@ -200,6 +212,11 @@ class Resumer:
                 checkpoint_id,
                 reason,
             )
+            self.gateway.emit(
+                events.CHECKPOINT_CORRUPTED,
+                candidate.operation_id,
+                {"checkpoint_id": checkpoint_id, "reason": reason},
+            )
         return loaded.record
 
     def schedule(
@@ -237,7 +254,7 @@ class Resumer:
             record.batch,
             flow_run_id,
         )
-        return ResumeResult(
+        result = ResumeResult(
             operation_id=candidate.operation_id,
             status="SCHEDULED",
             flow_run_id=flow_run_id,
@@ -245,15 +262,40 @@ class Resumer:
             attempt=attempt,
             resumed_from=resumed_from(record),
         )
+        self.gateway.emit(
+            events.OPERATION_RESUMED,
+            candidate.operation_id,
+            result.model_dump(mode="json"),
+            flow_run_id,
+        )
+        return result
+
+    def refused(self, id_or_run: str, error: ResumableError, *, owner: str) -> None:
+        """Publish a refused resume as an event (not for ids that name no operation)."""
+        if isinstance(error, OperationNotFound | InvalidSpec):
+            return
+        operation_id = getattr(error, "operation_id", id_or_run)
+        payload = {
+            "reason": str(error),
+            "error": type(error).__name__,
+            "requested_by": owner,
+        }
+        self.gateway.emit(events.RESUME_REFUSED, operation_id, payload)
 
     def resume(
         self, id_or_run: str, *, owner: str, automatic: bool = False
     ) -> ResumeResult:
         """All four steps in one call, as the operations API and CLI use them."""
-        candidate = self.validate(id_or_run)
-        self.claim(candidate, owner=owner, automatic=automatic)
-        faults.fire("resume_after_claim")
-        record = self.verify_checkpoint(candidate, owner=owner)
+        try:
+            candidate = self.validate(id_or_run)
+            self.claim(candidate, owner=owner, automatic=automatic)
+            faults.fire("resume_after_claim")
+            record = self.verify_checkpoint(candidate, owner=owner)
+        except OrchestratorUnavailable:
+            raise
+        except ResumableError as error:
+            self.refused(id_or_run, error, owner=owner)
+            raise
         try:
             return self.schedule(candidate, record, owner=owner)
         except OrchestratorUnavailable:

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from resumable import faults, runtime
 from resumable.checkpoints.store import CheckpointRecord
+from resumable.errors import ResumableError
 from resumable.prefect_gateway import PrefectGateway
 from resumable.resuming import ResumeCandidate, Resumer, ResumeResult
 from resumable.settings import get_settings
@@ -54,3 +55,8 @@ def schedule_remaining_epochs(
 ) -> ResumeResult:
     """Create the `train-model` run on the GPU pool, idempotently for this interrupted attempt."""
     return resumer().schedule(candidate, record, owner=owner)
+
+
+def report_refusal(operation_id: str, error: ResumableError, owner: str) -> None:
+    """Emit the refused-resume event (automations and notifications watch for it)."""
+    resumer().refused(operation_id, error, owner=owner)

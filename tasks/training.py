@@ -24,6 +24,7 @@ from resumable.settings import get_settings
 from resumable.spec import TrainingSpec
 from resumable.training import BatchResult, Trainer
 from tasks.control import StopRequests
+from tasks.reporting import RunReporter
 
 
 class ResumeReference(BaseModel):
@@ -118,7 +119,10 @@ def start_operation(
                     operation.id,
                 )
         holder = operations.acquire_trainer(
-            session=session, operation_id=operation.id, flow_run_id=flow_run_id
+            session=session,
+            operation_id=operation.id,
+            flow_run_id=flow_run_id,
+            holder_has_ended=_run_has_ended,
         )
         if holder is not None:
             return OperationStart(
@@ -175,7 +179,10 @@ def _run_has_ended(flow_run_id: str) -> bool:
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(uuid.UUID(flow_run_id)).state
-    except Exception:  # unknown or unreadable: assume it may still train
+    except Exception as err:  # unknown or unreadable: assume it may still train
+        logging.getLogger(__name__).warning(
+            "cannot read the state of flow run %s: %r", flow_run_id, err
+        )
         return False
     return state is not None and state.is_final()
 
@@ -229,6 +236,7 @@ def build_trainer(run: TrainingRun) -> dict[str, Any]:
         policy=run.spec.checkpoint,
     )
     run.schedule = PeriodicSchedule(run.spec.checkpoint)
+    run.reporter = RunReporter(run.operation_id, run.flow_run_id, run.label)
     cleaned = store.clean_staged_leftovers(run.operation_id)
     if cleaned:
         get_run_logger().info(
@@ -270,6 +278,8 @@ def restore_checkpoint(run: TrainingRun, checkpoint_id: str) -> dict[str, Any]:
         logger.warning(
             "%s: skipped corrupted checkpoint %s: %s", run.label, skipped, reason
         )
+    if run.reporter is not None:
+        run.reporter.corrupted(loaded.skipped)
     for warning in run.trainer.restore_state(loaded.state, loaded.record.id):
         logger.warning("%s: %s", run.label, warning)
     run.started = True
@@ -299,15 +309,19 @@ def train_epoch(run: TrainingRun) -> EpochOutcome:
     epoch = trainer.epoch
     started = time.monotonic()
 
+    reporter = run.reporter
+    assert reporter is not None
+
     def after_batch(result: BatchResult) -> None:
         if not run.prepared:
-            saver.prepare(
-                trainer
-            )  # reserve the host buffers in the background, once the optimizer has state
+            # Reserve the host buffers in the background, once the optimizer has state.
+            saver.prepare(trainer)
             run.prepared = True
         if not trainer.finished and schedule.due(trainer):
             saver.save_async(trainer)
             schedule.saved()
+        reporter.checkpoints_committed(saver.drain_committed())
+        reporter.progress(trainer)
 
     reason = trainer.train(
         until_epoch_end=True,
@@ -315,6 +329,7 @@ def train_epoch(run: TrainingRun) -> EpochOutcome:
         on_batch_end=after_batch,
     )
     if trainer.batch == 0 and trainer.history and trainer.history[-1]["epoch"] == epoch:
+        reporter.epoch_done(trainer)
         record = trainer.history[-1]
         logger.info(
             "%s: epoch %d/%d done in %.1fs, loss %.4f%s",
@@ -344,6 +359,9 @@ def save_checkpoint(run: TrainingRun, kind: str) -> dict[str, Any]:
     """Save and commit a checkpoint before returning (waits for any save in flight first)."""
     assert run.trainer is not None and run.saver is not None
     record = run.saver.save_blocking(run.trainer, kind, after_failure=kind == "failure")
+    if run.reporter is not None:
+        run.reporter.checkpoints_committed(run.saver.drain_committed())
+        run.reporter.progress(run.trainer, force=True)
     get_run_logger().info(
         "%s: %s checkpoint %s committed at epoch %d batch %d (%.1f MB)",
         run.label,

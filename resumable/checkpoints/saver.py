@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -111,6 +112,7 @@ class CheckpointSaver:
         self.snapshot = HostSnapshot()
         self.last_record: CheckpointRecord | None = None
         self.failed_saves: list[BaseException] = []
+        self._committed: queue.SimpleQueue[CheckpointRecord] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="checkpoint-save"
         )
@@ -160,7 +162,15 @@ class CheckpointSaver:
             policy=self.policy,
         )
         self.last_record = record
+        self._committed.put(record)
         return record
+
+    def drain_committed(self) -> list[CheckpointRecord]:
+        """The checkpoints committed since the last call, for the training loop to report."""
+        records = []
+        while not self._committed.empty():
+            records.append(self._committed.get_nowait())
+        return records
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for the save in flight, if any; a failure is logged, kept and not raised."""

@@ -399,6 +399,36 @@ class CheckpointStore:
                 .values(status="corrupted", status_reason=reason[:2000])
             )
 
+    def load_meta(self, checkpoint_id: str) -> dict[str, Any]:
+        """A committed checkpoint's non-tensor state (position, history, spec), its hash verified.
+
+        Reads only the manifest and `state.json`, so it is cheap for checkpoints of any size.
+        """
+        record = self.get(check_safe_id(checkpoint_id, "checkpoint id"))
+        if record is None or record.status not in ("committed", "pruned"):
+            raise CheckpointNotFound(
+                record.operation_id if record else "?",
+                f"checkpoint {checkpoint_id} is not committed",
+            )
+        directory = self.checkpoint_dir(record.operation_id, record.id)
+        try:
+            with self.fs.open(f"{directory}/{MANIFEST}", "rb") as stream:
+                manifest = json.loads(stream.read())
+            with self.fs.open(f"{directory}/{STATE_FILE}", "rb") as stream:
+                state_bytes = stream.read()
+        except (FileNotFoundError, ValueError) as err:
+            raise CheckpointCorrupted(
+                record.id, f"its manifest or {STATE_FILE} cannot be read ({err})"
+            ) from err
+        if hashlib.sha256(state_bytes).hexdigest() != manifest.get("files", {}).get(
+            STATE_FILE, {}
+        ).get("sha256"):
+            raise CheckpointCorrupted(
+                record.id, f"{STATE_FILE} does not match its hash in the manifest"
+            )
+        meta: dict[str, Any] = json.loads(state_bytes)
+        return meta
+
     def _read_verified(
         self, record: CheckpointRecord, manifest_sha: str | None
     ) -> TrainingState:

@@ -131,3 +131,26 @@ def test_watch_follows_the_resumed_run_until_it_ends(
     result = runner.invoke(cli.app, ["resume", operation_id, "--watch"])
     assert result.exit_code == 0, result.output
     assert "ended COMPLETED" in result.output
+
+
+def test_plot_writes_a_png_of_the_loss_across_attempts(
+    service, gateway, operation_id: str, tmp_path
+) -> None:
+    with service.sessions.begin() as session:
+        operations.create_operation(
+            session=session, operation_id=operation_id, spec=SPEC
+        )
+    trainer = Trainer(SPEC)
+    trainer.train()
+    CheckpointSaver(
+        service.store,
+        operation_id=operation_id,
+        flow_run_id=operation_id,
+        policy=SPEC.checkpoint,
+    ).save_blocking(trainer, "final")
+    target = tmp_path / "loss.png"
+    result = runner.invoke(cli.app, ["plot", operation_id, "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "epochs 1–2" in result.output
+    assert runner.invoke(cli.app, ["plot", "no-such-op"]).exit_code == 3

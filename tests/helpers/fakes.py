@@ -14,6 +14,7 @@ class FakeGateway:
         self.scheduled: dict[str, str] = {}
         self.reachable = True
         self.cancelled: list[str] = []
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
 
     def flow_run_state(self, flow_run_id: str) -> str | None:
         if not self.reachable:
@@ -36,3 +37,12 @@ class FakeGateway:
         self.cancelled.append(flow_run_id)
         self.states[flow_run_id] = "CANCELLING"
         return "CANCELLING"
+
+    def emit(
+        self,
+        event: str,
+        operation_id: str,
+        payload: dict[str, Any],
+        flow_run_id: str | None = None,
+    ) -> None:
+        self.events.append((event, operation_id, payload))

@@ -1,0 +1,19 @@
+"""Names and resources of the events the project emits, for automations and notifications.
+
+Every event's resource is the operation (`resumable.operation.<id>`); the flow run and the
+deployment it concerns, where there is one, are related resources.
+"""
+
+from __future__ import annotations
+
+CHECKPOINT_COMMITTED = "resumable.checkpoint.committed"
+CHECKPOINT_CORRUPTED = "resumable.checkpoint.corrupted"
+OPERATION_RESUMED = "resumable.operation.resumed"
+RESUME_REFUSED = "resumable.resume.refused"
+
+
+def operation_resource(operation_id: str) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"resumable.operation.{operation_id}",
+        "prefect.resource.name": operation_id,
+    }
