@@ -52,7 +52,7 @@ def operation_events(stack: Stack, operation_id: str) -> list[dict[str, Any]]:
                 "resource": {"id": [f"resumable.operation.{operation_id}"]},
                 "occurred": {"since": "2000-01-01T00:00:00Z"},
             },
-            "limit": 200,
+            "limit": 50,
         },
     )
     response.raise_for_status()
@@ -79,7 +79,7 @@ def test_artifacts_and_events_tell_one_story_across_a_cancel_and_a_resume(
         continuation,
     ] or len(progress) >= 2
     by_run = {str(a.flow_run_id): float(a.data) for a in progress}
-    assert by_run[operation_id] == pytest.approx(100 * stopped.step / TOTAL_BATCHES)
+    assert by_run[operation_id] == pytest.approx(100 * stopped.step / TOTAL_BATCHES, abs=0.01)
     assert by_run[continuation] == pytest.approx(100.0)
 
     metrics = json.loads(artifacts(stack, "metrics", operation_id)[-1].data)
