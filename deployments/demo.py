@@ -74,13 +74,17 @@ def run_demo(ui_url: str) -> None:
         f"   operation {operation_id}\n   watch it: {ui_url}/runs/flow-run/{operation_id}"
     )
     shown: set[str] = set()
+    bar = _ProgressBar(operation_id)
     while True:
-        _show_new_checkpoints(store, operation_id, shown)
+        bar.update()
+        _show_new_checkpoints(store, operation_id, shown, bar.print)
         latest = store.latest_good(operation_id)
         if latest is not None and latest.epoch >= epochs // 2:
             break
         time.sleep(0.2)
     time.sleep(0.45)  # part of the way into the next epoch
+    bar.update()
+    bar.close()
 
     print("\n2. Cancelling it through the Prefect API, in the middle of an epoch")
     with get_client(sync_client=True) as client:
@@ -106,14 +110,18 @@ def run_demo(ui_url: str) -> None:
         ).continuation_run_id
     if resume.state.type.value != "COMPLETED" or continuation is None:
         sys.exit("the resume was refused; see the message above")
+    bar = _ProgressBar(operation_id)
     with get_client(sync_client=True) as client:
         while True:
-            _show_new_checkpoints(store, operation_id, shown)
+            bar.update()
+            _show_new_checkpoints(store, operation_id, shown, bar.print)
             state = client.read_flow_run(uuid.UUID(continuation)).state
             if state is not None and state.is_final():
                 break
             time.sleep(0.3)
-    _show_new_checkpoints(store, operation_id, shown)
+    bar.update()
+    _show_new_checkpoints(store, operation_id, shown, bar.print)
+    bar.close()
     print(f"   resumed run {continuation}: {state.type.value}")
 
     print("\n4. Training the same spec without interruption, to compare")
@@ -157,7 +165,48 @@ def run_demo(ui_url: str) -> None:
         sys.exit("the resumed run's parameters differ from the uninterrupted run's")
 
 
-def _show_new_checkpoints(store: Any, operation_id: str, shown: set[str]) -> None:
+class _ProgressBar:
+    """A terminal progress bar fed by the operation's progress artifact in Prefect."""
+
+    def __init__(self, operation_id: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from tasks.reporting import artifact_key
+
+        self.key = artifact_key("progress", operation_id)
+        self.progress = Progress(
+            TextColumn("   training"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}% of all batches"),
+            TimeElapsedColumn(),
+        )
+        self.task = self.progress.add_task("train", total=100.0)
+        self.progress.start()
+
+    def update(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.sorting import ArtifactSort
+
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[self.key])),
+                sort=ArtifactSort.UPDATED_DESC,
+                limit=1,
+            )
+        if found and found[0].data is not None:
+            self.progress.update(self.task, completed=float(found[0].data))
+
+    def print(self, line: str) -> None:
+        self.progress.console.print(line, highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _show_new_checkpoints(
+    store: Any, operation_id: str, shown: set[str], say: Any = print
+) -> None:
     for record in reversed(store.list_checkpoints(operation_id)):
         if record.id in shown:
             continue
@@ -168,7 +217,7 @@ def _show_new_checkpoints(store: Any, operation_id: str, shown: set[str]) -> Non
             if "loss" in metrics
             else ""
         )
-        print(
+        say(
             f"   {record.kind:>12} checkpoint: epoch {record.epoch}, batch {record.batch}{detail}"
         )
 

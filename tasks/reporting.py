@@ -30,7 +30,7 @@ from resumable.training import Trainer
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_EVERY_SECONDS = 3.0
+PROGRESS_EVERY_SECONDS = 2.0
 
 
 def artifact_key(kind: str, operation_id: str) -> str:

@@ -79,7 +79,9 @@ def test_artifacts_and_events_tell_one_story_across_a_cancel_and_a_resume(
         continuation,
     ] or len(progress) >= 2
     by_run = {str(a.flow_run_id): float(a.data) for a in progress}
-    assert by_run[operation_id] == pytest.approx(100 * stopped.step / TOTAL_BATCHES, abs=0.01)
+    assert by_run[operation_id] == pytest.approx(
+        100 * stopped.step / TOTAL_BATCHES, abs=0.01
+    )
     assert by_run[continuation] == pytest.approx(100.0)
 
     metrics = json.loads(artifacts(stack, "metrics", operation_id)[-1].data)
