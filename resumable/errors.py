@@ -104,5 +104,9 @@ class AnotherTrainerActive(ResumableError, RuntimeError):
     """A second run tried to train an operation that another run is training."""
 
 
+class CheckpointSaveFailed(ResumableError, OSError):
+    """A periodic checkpoint could not be saved and the policy says to stop."""
+
+
 class CheckpointLocationInvalid(ResumableError, ValueError):
     """A checkpoint path that would escape the store's root."""

@@ -5,7 +5,8 @@ A fault fires once: it is removed from the file before it acts, so a resumed run
 meet it again. Points: `batch` (before the batch's update), `save_write` (while a checkpoint's
 files are written), `save_manifest` (after the files, before the manifest is written),
 `save_commit` (after the manifest, before the row is committed). Actions: `raise`
-(a `InjectedFault`), `kill` (SIGKILL of this process), `nan` (the batch's loss becomes NaN).
+(an `InjectedFault`), `kill` (SIGKILL of this process), `sigterm` (SIGTERM to this process),
+`nan` (the batch's loss becomes NaN), `pass` (nothing; it only uses up one passage).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def fire(point: str, epoch: int = -1, batch: int = -1) -> str | None:
         raise InjectedFault(f"injected fault at {point} (epoch {epoch}, batch {batch})")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
     return action
 
 

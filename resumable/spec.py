@@ -36,6 +36,8 @@ class CheckpointPolicy(BaseModel):
 
     Intervals are counted from the start of the run, so the first epoch counts.
     Cancellation, failure and final checkpoints are saved whatever the policy says.
+    `on_save_error` decides what a failed periodic save (a full disk, a lost bucket) does:
+    `continue` trains on with the previous checkpoint as the latest, `stop` fails the run.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,6 +47,7 @@ class CheckpointPolicy(BaseModel):
     keep_last: int = Field(default=3, ge=1, le=10_000)
     keep_best_metric: str | None = Field(default=None, min_length=1, max_length=64)
     best_mode: Literal["min", "max"] = "min"
+    on_save_error: Literal["continue", "stop"] = "continue"
 
 
 class TrainingSpec(BaseModel):

@@ -321,6 +321,7 @@ def train_epoch(run: TrainingRun) -> EpochOutcome:
             saver.save_async(trainer)
             schedule.saved()
         reporter.checkpoints_committed(saver.drain_committed())
+        saver.check_failures()
         reporter.progress(trainer)
 
     reason = trainer.train(

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from resumable.checkpoints.store import CheckpointRecord, CheckpointStore
+from resumable.errors import CheckpointSaveFailed
 from resumable.spec import CheckpointPolicy
 from resumable.state import TrainingState
 from resumable.training import Trainer
@@ -164,6 +165,17 @@ class CheckpointSaver:
         self.last_record = record
         self._committed.put(record)
         return record
+
+    def check_failures(self) -> None:
+        """Raise `CheckpointSaveFailed` if a background save failed and the policy says `stop`."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+        if self.failed_saves and self.policy.on_save_error == "stop":
+            error = self.failed_saves[-1]
+            raise CheckpointSaveFailed(
+                f"operation {self.operation_id}: a checkpoint save failed ({error}); the policy says to stop. "
+                "The previous checkpoint is intact: free space or fix the store, then resume"
+            ) from error
 
     def drain_committed(self) -> list[CheckpointRecord]:
         """The checkpoints committed since the last call, for the training loop to report."""

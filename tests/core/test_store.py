@@ -122,6 +122,7 @@ def _flip_byte(path: Path) -> None:
         ),
     ],
 )
+@pytest.mark.faults
 def test_loading_falls_back_past_a_damaged_checkpoint(
     store: CheckpointStore, operation_id: str, damage, file: str, reason: str
 ) -> None:
@@ -203,6 +204,7 @@ class _RunsCode:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.faults
 def test_a_crafted_pickle_is_refused_without_running_it(
     store: CheckpointStore, operation_id: str, tmp_path: Path
 ) -> None:

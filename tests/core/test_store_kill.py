@@ -13,6 +13,8 @@ import pytest
 from resumable.checkpoints.store import CheckpointStore
 from resumable.db import session_factory
 
+pytestmark = pytest.mark.faults
+
 SCRIPT = Path(__file__).parents[1] / "helpers" / "save_twice.py"
 
 

@@ -119,6 +119,7 @@ def test_a_fresh_process_continues_exactly(tmp_path: Path) -> None:
     assert_same_as_uninterrupted(final, losses)
 
 
+@pytest.mark.faults
 def test_a_failed_batch_is_saved_at_the_boundary_before_it(
     memory_store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -63,6 +63,7 @@ def test_a_run_cancelled_mid_epoch_resumes_from_the_next_batch_to_the_same_param
     assert_bit_identical(final.state.tensors, uninterrupted_tensors(SPEC))
 
 
+@pytest.mark.faults
 def test_an_exception_at_a_chosen_batch_fails_with_a_failure_checkpoint_and_resumes_bit_identical(
     stack: Stack,
 ) -> None:
@@ -87,6 +88,7 @@ def test_an_exception_at_a_chosen_batch_fails_with_a_failure_checkpoint_and_resu
     )
 
 
+@pytest.mark.faults
 def test_a_killed_run_crashes_and_resumes_from_its_last_periodic_checkpoint(
     stack: Stack,
 ) -> None:
