@@ -27,6 +27,7 @@ test-faults: install
 
 bench: install
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/ledger.py
 	@echo "docs/benchmarks.md rewritten"
 
 demo: install
