@@ -28,19 +28,19 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from common import machine, median, verdict, write_section  # noqa: E402
+from common import machine, median, verdict, write_section
 
-from resumable import operations  # noqa: E402
-from resumable.checkpoints.saver import CheckpointSaver  # noqa: E402
-from resumable.checkpoints.store import CheckpointStore  # noqa: E402
-from resumable.db import session_factory  # noqa: E402
-from resumable.errors import ResumableError  # noqa: E402
-from resumable.models import Checkpoint, utcnow  # noqa: E402
-from resumable.resuming import Resumer  # noqa: E402
-from resumable.settings import Settings  # noqa: E402
-from resumable.spec import TrainingSpec  # noqa: E402
-from resumable.training import Trainer  # noqa: E402
-from tests.helpers.fakes import FakeGateway  # noqa: E402
+from resumable import operations
+from resumable.checkpoints.saver import CheckpointSaver
+from resumable.checkpoints.store import CheckpointStore
+from resumable.db import session_factory
+from resumable.errors import ResumableError
+from resumable.models import Checkpoint, utcnow
+from resumable.resuming import Resumer
+from resumable.settings import Settings
+from resumable.spec import TrainingSpec
+from resumable.training import Trainer
+from tests.helpers.fakes import FakeGateway
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/resumable_bench"
 
@@ -59,11 +59,21 @@ def seed_checkpoints(store: CheckpointStore, operation_id: str, count: int) -> N
     for step in range(count):
         rows.append(
             {
-                "id": uuid.uuid4().hex, "operation_id": operation_id, "flow_run_id": None, "kind": "periodic",
-                "epoch": step // 100, "batch": step % 100, "step": step,
-                "created_at": now - timedelta(seconds=count - step), "committed_at": now, "size_bytes": 1,
-                "metrics": {}, "status": "committed" if step % 7 else "pruned", "status_reason": None,
-                "manifest_sha256": None, "fingerprint": "x",
+                "id": uuid.uuid4().hex,
+                "operation_id": operation_id,
+                "flow_run_id": None,
+                "kind": "periodic",
+                "epoch": step // 100,
+                "batch": step % 100,
+                "step": step,
+                "created_at": now - timedelta(seconds=count - step),
+                "committed_at": now,
+                "size_bytes": 1,
+                "metrics": {},
+                "status": "committed" if step % 7 else "pruned",
+                "status_reason": None,
+                "manifest_sha256": None,
+                "fingerprint": "x",
             }
         )
         if len(rows) == 10_000:
@@ -84,7 +94,9 @@ def time_lookups(store: CheckpointStore, operation_id: str, repeats: int) -> flo
     return median(samples)
 
 
-def race(resumer: Resumer, gateway: FakeGateway, operation_id: str, requests: int) -> tuple[int, list[float]]:
+def race(
+    resumer: Resumer, gateway: FakeGateway, operation_id: str, requests: int
+) -> tuple[int, list[float]]:
     def one(n: int) -> tuple[bool, float]:
         started = time.perf_counter()
         try:
@@ -108,7 +120,9 @@ def main() -> None:
 
     fresh_database(args.database_url)
     sessions = session_factory(args.database_url)
-    store = CheckpointStore(sessions, Path(tempfile.mkdtemp(prefix="resumable-bench-")).as_uri())
+    store = CheckpointStore(
+        sessions, Path(tempfile.mkdtemp(prefix="resumable-bench-")).as_uri()
+    )
     seed_checkpoints(store, "op-small", 100)
     seed_checkpoints(store, "op-big", 100_000)
     with sessions() as session:
@@ -117,7 +131,11 @@ def main() -> None:
     small = time_lookups(store, "op-small", 500)
     big = time_lookups(store, "op-big", 500)
     with sessions.begin() as session:
-        session.execute(delete(Checkpoint).where(Checkpoint.operation_id.in_(["op-small", "op-big"])))
+        session.execute(
+            delete(Checkpoint).where(
+                Checkpoint.operation_id.in_(["op-small", "op-big"])
+            )
+        )
 
     gateway = FakeGateway()
     resumer = Resumer(sessions, store, gateway, Settings())
@@ -128,9 +146,13 @@ def main() -> None:
     for round_ in range(args.rounds):
         operation_id = f"op-race-{round_}-{uuid.uuid4().hex[:6]}"
         with sessions.begin() as session:
-            operations.create_operation(session=session, operation_id=operation_id, spec=spec)
+            operations.create_operation(
+                session=session, operation_id=operation_id, spec=spec
+            )
         gateway.states[operation_id] = "CANCELLED"
-        CheckpointSaver(store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint).save_blocking(trainer, "cancellation")
+        CheckpointSaver(
+            store, operation_id=operation_id, flow_run_id=None, policy=spec.checkpoint
+        ).save_blocking(trainer, "cancellation")
         won, seconds = race(resumer, gateway, operation_id, 50)
         winners.append(won)
         times += seconds

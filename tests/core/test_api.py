@@ -9,15 +9,12 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from resumable import operations
 from resumable.api import create_app
-from resumable.checkpoints.saver import CheckpointSaver
 from resumable.checkpoints.store import CheckpointStore
 from resumable.service import OperationsService
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
-from resumable.training import Trainer
-from tests.helpers.fakes import FakeGateway
+from tests.helpers.fakes import FakeGateway, seed_operation
 
 SPEC = TrainingSpec(recipe="tiny", epochs=2, batch_size=16)
 
@@ -46,20 +43,14 @@ def add_operation(
     state: str,
     checkpoint: bool = True,
 ) -> None:
-    with service.sessions.begin() as session:
-        operations.create_operation(
-            session=session, operation_id=operation_id, spec=SPEC
-        )
-    gateway.states[operation_id] = state
-    if checkpoint:
-        trainer = Trainer(SPEC)
-        trainer.train(max_batches=3)
-        CheckpointSaver(
-            service.store,
-            operation_id=operation_id,
-            flow_run_id=operation_id,
-            policy=SPEC.checkpoint,
-        ).save_blocking(trainer, "cancellation")
+    seed_operation(
+        service.sessions,
+        service.store,
+        gateway,
+        operation_id,
+        state=state,
+        batches=3 if checkpoint else None,
+    )
 
 
 def test_resume_answers_200_with_where_it_resumed_from(

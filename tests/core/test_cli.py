@@ -13,7 +13,7 @@ from resumable.service import OperationsService
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
 from resumable.training import Trainer
-from tests.helpers.fakes import FakeGateway
+from tests.helpers.fakes import FakeGateway, seed_operation
 
 SPEC = TrainingSpec(recipe="tiny", epochs=2, batch_size=16)
 runner = CliRunner()
@@ -39,19 +39,9 @@ def interrupted(
     operation_id: str,
     state: str = "CANCELLED",
 ) -> None:
-    with service.sessions.begin() as session:
-        operations.create_operation(
-            session=session, operation_id=operation_id, spec=SPEC
-        )
-    gateway.states[operation_id] = state
-    trainer = Trainer(SPEC)
-    trainer.train(max_batches=2)
-    CheckpointSaver(
-        service.store,
-        operation_id=operation_id,
-        flow_run_id=operation_id,
-        policy=SPEC.checkpoint,
-    ).save_blocking(trainer, "cancellation")
+    seed_operation(
+        service.sessions, service.store, gateway, operation_id, state=state, batches=2
+    )
 
 
 def test_resume_prints_where_it_resumed_and_exits_0(

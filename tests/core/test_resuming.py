@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from resumable import operations
-from resumable.checkpoints.saver import CheckpointSaver
 from resumable.checkpoints.store import CheckpointStore
 from resumable.errors import (
     CheckpointNotFound,
@@ -17,8 +15,7 @@ from resumable.errors import (
 from resumable.resuming import Resumer
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
-from resumable.training import Trainer
-from tests.helpers.fakes import FakeGateway
+from tests.helpers.fakes import FakeGateway, seed_operation
 
 SPEC = TrainingSpec(recipe="tiny", epochs=2, batch_size=16)
 
@@ -42,20 +39,14 @@ def interrupted_operation(
     state: str = "CANCELLED",
     checkpoint: bool = True,
 ) -> None:
-    with resumer.sessions.begin() as session:
-        operations.create_operation(
-            session=session, operation_id=operation_id, spec=SPEC
-        )
-    gateway.states[operation_id] = state
-    if checkpoint:
-        trainer = Trainer(SPEC)
-        trainer.train(max_batches=5)
-        CheckpointSaver(
-            resumer.store,
-            operation_id=operation_id,
-            flow_run_id=operation_id,
-            policy=SPEC.checkpoint,
-        ).save_blocking(trainer, "cancellation")
+    seed_operation(
+        resumer.sessions,
+        resumer.store,
+        gateway,
+        operation_id,
+        state=state,
+        batches=5 if checkpoint else None,
+    )
 
 
 def test_a_cancelled_operation_resumes_from_its_checkpoint(

@@ -46,3 +46,38 @@ class FakeGateway:
         flow_run_id: str | None = None,
     ) -> None:
         self.events.append((event, operation_id, payload))
+
+
+def seed_operation(
+    sessions: Any,
+    store: Any,
+    gateway: FakeGateway,
+    operation_id: str,
+    *,
+    state: str = "CANCELLED",
+    batches: int | None = 3,
+    spec: Any = None,
+) -> None:
+    """An operation whose latest attempt is in `state`, with a cancellation checkpoint after
+    `batches` batches (none when `batches` is None)."""
+    from resumable import operations
+    from resumable.checkpoints.saver import CheckpointSaver
+    from resumable.spec import TrainingSpec
+    from resumable.training import Trainer
+
+    spec = spec or TrainingSpec(recipe="tiny", epochs=2, batch_size=16)
+    with sessions.begin() as session:
+        operations.create_operation(
+            session=session, operation_id=operation_id, spec=spec
+        )
+    gateway.states[operation_id] = state
+    if batches is not None:
+        trainer = Trainer(spec)
+        trainer.train(max_batches=batches)
+        saver = CheckpointSaver(
+            store,
+            operation_id=operation_id,
+            flow_run_id=operation_id,
+            policy=spec.checkpoint,
+        )
+        saver.save_blocking(trainer, "cancellation")
