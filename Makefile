@@ -28,6 +28,7 @@ test-faults: install
 bench: install
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/orchestration.py
 	@echo "docs/benchmarks.md rewritten"
 
 demo: install
