@@ -31,6 +31,7 @@ from resumable.training import Trainer
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_SECONDS = 2.0
+TABLES_EVERY_SECONDS = 10.0
 
 
 def artifact_key(kind: str, operation_id: str) -> str:
@@ -55,6 +56,8 @@ class RunReporter:
         self.label = label
         self._progress_id: Any = None
         self._last_progress = 0.0
+        self._last_tables = -TABLES_EVERY_SECONDS
+        self._last_checkpoint_table = -TABLES_EVERY_SECONDS
 
     def progress(self, trainer: Trainer, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -79,8 +82,18 @@ class RunReporter:
                 self.operation_id,
             )
 
-    def epoch_done(self, trainer: Trainer) -> None:
+    def epoch_done(self, trainer: Trainer, *, force: bool = False) -> None:
+        """Publish progress, the metrics table and the loss curve.
+
+        Tables are rewritten at most every `TABLES_EVERY_SECONDS` (each write is a new
+        artifact version and costs the server work that short epochs would multiply),
+        and always when forced: at every checkpoint that ends an attempt.
+        """
         self.progress(trainer, force=True)
+        now = time.monotonic()
+        if not force and now - self._last_tables < TABLES_EVERY_SECONDS:
+            return
+        self._last_tables = now
         rows = [
             {
                 k: (round(v, 6) if isinstance(v, float) else v)
@@ -107,8 +120,11 @@ class RunReporter:
             self.operation_id,
         )
 
-    def checkpoints_committed(self, records: list[CheckpointRecord]) -> None:
-        if not records:
+    def checkpoints_committed(
+        self, records: list[CheckpointRecord], *, force: bool = False
+    ) -> None:
+        """Emit an event per committed checkpoint; rewrite the checkpoint table (rate-limited like the others)."""
+        if not records and not force:
             return
         for record in records:
             emit_operation_event(
@@ -124,6 +140,10 @@ class RunReporter:
                 flow_run_id=self.flow_run_id,
                 deployment_id=deployment.id,
             )
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint_table < TABLES_EVERY_SECONDS:
+            return
+        self._last_checkpoint_table = now
         table = [
             {
                 "id": r.id,

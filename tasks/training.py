@@ -361,8 +361,9 @@ def save_checkpoint(run: TrainingRun, kind: str) -> dict[str, Any]:
     assert run.trainer is not None and run.saver is not None
     record = run.saver.save_blocking(run.trainer, kind, after_failure=kind == "failure")
     if run.reporter is not None:
-        run.reporter.checkpoints_committed(run.saver.drain_committed())
-        run.reporter.progress(run.trainer, force=True)
+        # A blocking save ends an attempt (cancellation, failure, final): publish everything now.
+        run.reporter.checkpoints_committed(run.saver.drain_committed(), force=True)
+        run.reporter.epoch_done(run.trainer, force=True)
     get_run_logger().info(
         "%s: %s checkpoint %s committed at epoch %d batch %d (%.1f MB)",
         run.label,
