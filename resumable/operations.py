@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -300,12 +300,3 @@ def record_continuation(
         flow_run_id=flow_run_id,
         resumed_from_checkpoint_id=resumed_from_checkpoint_id,
     )
-
-
-def operation_spec(operation: Operation) -> TrainingSpec:
-    return TrainingSpec.model_validate(operation.spec)
-
-
-def claim_age(operation: Operation) -> timedelta | None:
-    claimed_at: datetime | None = operation.claimed_at
-    return utcnow() - claimed_at if claimed_at else None
