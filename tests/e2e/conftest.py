@@ -57,6 +57,19 @@ class Stack:
     def store(self) -> CheckpointStore:
         return runtime.checkpoint_store(self.settings)
 
+    def rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call Prefect's REST API as the UI does; a 503 (SQLite busy) is retried, as Prefect's own client does."""
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            response = httpx.request(
+                method, f"{self.local.api_url}{path}", timeout=30, **kwargs
+            )
+            if response.status_code != 503 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.2)
+
     def plan_faults(self, *faults: dict[str, Any]) -> None:
         self.fault_plan.write_text(json.dumps(list(faults)))
 

@@ -6,7 +6,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.states import Cancelling
@@ -45,8 +44,9 @@ def artifacts(stack: Stack, kind: str, operation_id: str) -> list[Any]:
 
 
 def operation_events(stack: Stack, operation_id: str) -> list[dict[str, Any]]:
-    response = httpx.post(
-        f"{stack.local.api_url}/events/filter",
+    response = stack.rest(
+        "POST",
+        "/events/filter",
         json={
             "filter": {
                 "resource": {"id": [f"resumable.operation.{operation_id}"]},

@@ -276,11 +276,12 @@ def test_the_prefect_cli_and_rest_api_give_the_same_outcomes(stack: Stack) -> No
     assert refused.returncode != 0
     assert "does not exist" in refused.stdout + refused.stderr
 
-    deployment = httpx.get(
-        f"{stack.local.api_url}/deployments/name/resume-training/default"
-    ).json()["id"]
-    created = httpx.post(
-        f"{stack.local.api_url}/deployments/{deployment}/create_flow_run",
+    deployment = stack.rest("GET", "/deployments/name/resume-training/default").json()[
+        "id"
+    ]
+    created = stack.rest(
+        "POST",
+        f"/deployments/{deployment}/create_flow_run",
         json={"parameters": {"operation_id": operation_id}},
     )
     assert created.status_code == 201
@@ -321,8 +322,8 @@ def test_ui_retry_of_a_cancelled_run_continues_its_checkpoint_and_of_a_completed
         "force": True,
     }
     assert (
-        httpx.post(
-            f"{stack.local.api_url}/flow_runs/{operation_id}/set_state", json=retry
+        stack.rest(
+            "POST", f"/flow_runs/{operation_id}/set_state", json=retry
         ).status_code
         == 201
     )
@@ -344,8 +345,8 @@ def test_ui_retry_of_a_cancelled_run_continues_its_checkpoint_and_of_a_completed
     assert_bit_identical(final.state.tensors, uninterrupted_tensors(SPEC))
 
     assert (
-        httpx.post(
-            f"{stack.local.api_url}/flow_runs/{operation_id}/set_state", json=retry
+        stack.rest(
+            "POST", f"/flow_runs/{operation_id}/set_state", json=retry
         ).status_code
         == 201
     )
@@ -371,8 +372,8 @@ def test_ui_pause_saves_a_checkpoint_and_resume_continues_from_it(stack: Stack) 
         }
     }
     assert (
-        httpx.post(
-            f"{stack.local.api_url}/flow_runs/{operation_id}/set_state", json=pause
+        stack.rest(
+            "POST", f"/flow_runs/{operation_id}/set_state", json=pause
         ).status_code
         == 201
     )
@@ -388,9 +389,7 @@ def test_ui_pause_saves_a_checkpoint_and_resume_continues_from_it(stack: Stack) 
     assert stack.state(operation_id).type.value == "PAUSED"
 
     assert (
-        httpx.post(
-            f"{stack.local.api_url}/flow_runs/{operation_id}/resume", json={}
-        ).status_code
+        stack.rest("POST", f"/flow_runs/{operation_id}/resume", json={}).status_code
         == 201
     )
     assert stack.wait_final(operation_id, 120).type.value == "COMPLETED"
@@ -416,7 +415,7 @@ def test_a_ui_retry_racing_a_resume_trains_once(stack: Stack) -> None:
         timeout=0,
         as_subflow=False,
     )
-    httpx.post(f"{stack.local.api_url}/flow_runs/{operation_id}/set_state", json=retry)
+    stack.rest("POST", f"/flow_runs/{operation_id}/set_state", json=retry)
 
     resume_state = stack.wait_final(str(resume_run.id), 180)
     runs = [operation_id] + (
@@ -472,9 +471,7 @@ def test_a_resume_that_died_after_its_claim_is_finished_by_running_it_again(
     retry = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True}
     for _ in range(3):
         assert (
-            httpx.post(
-                f"{stack.local.api_url}/flow_runs/{run.id}/set_state", json=retry
-            ).status_code
+            stack.rest("POST", f"/flow_runs/{run.id}/set_state", json=retry).status_code
             == 201
         )
         state = stack.wait_final(str(run.id), 120)
