@@ -68,6 +68,9 @@ class LocalStack:
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+            # SQLite answers 503 ("database is locked") under bursts of concurrent runs; Prefect's
+            # client retries those, and a local stack gives it more tries than its default 5.
+            "PREFECT_CLIENT_MAX_RETRIES": "12",
             # So that `prefect deployment run --watch` shows the runs' log lines, refusals included.
             "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
             "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
