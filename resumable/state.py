@@ -92,14 +92,13 @@ class RngState:
 
 
 def capture_rng_state() -> RngState:
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"] = {
-        k: (v.tolist() if isinstance(v, np.ndarray) else v)
-        for k, v in numpy_state["state"].items()
-    }
+    """The generators' states as the libraries give them; cheap, since it runs before every batch.
+
+    Conversion to plain data happens only when a state is written (`rng_to_state`).
+    """
     return RngState(
-        python=encode_tree(random.getstate(), "python", {}),
-        numpy=numpy_state,
+        python=random.getstate(),
+        numpy=np.random.get_state(legacy=False),
         torch_cpu=torch.get_rng_state(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     )
@@ -108,13 +107,8 @@ def capture_rng_state() -> RngState:
 def restore_rng_state(state: RngState) -> list[str]:
     """Restore every generator; returns warnings for states this machine cannot take."""
     warnings: list[str] = []
-    random.setstate(decode_tree(state.python, {}))
-    numpy_state = dict(state.numpy)
-    numpy_state["state"] = {
-        k: (np.asarray(v, dtype=np.uint32) if isinstance(v, list) else v)
-        for k, v in state.numpy["state"].items()
-    }
-    np.random.set_state(numpy_state)
+    random.setstate(state.python)
+    np.random.set_state(state.numpy)
     torch.set_rng_state(state.torch_cpu.cpu())
     if state.cuda:
         if torch.cuda.is_available() and torch.cuda.device_count() == len(state.cuda):
@@ -131,13 +125,27 @@ def rng_to_state(rng: RngState, tensors: dict[str, torch.Tensor]) -> JsonTree:
     tensors["rng.torch_cpu"] = rng.torch_cpu
     for index, cuda_state in enumerate(rng.cuda):
         tensors[f"rng.cuda.{index}"] = cuda_state
-    return {"python": rng.python, "numpy": rng.numpy, "cuda_devices": len(rng.cuda)}
+    numpy_state = dict(rng.numpy)
+    numpy_state["state"] = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in rng.numpy["state"].items()
+    }
+    return {
+        "python": encode_tree(rng.python, "python", {}),
+        "numpy": numpy_state,
+        "cuda_devices": len(rng.cuda),
+    }
 
 
 def rng_from_state(tree: JsonTree, tensors: dict[str, torch.Tensor]) -> RngState:
+    numpy_state = dict(tree["numpy"])
+    numpy_state["state"] = {
+        k: (np.asarray(v, dtype=np.uint32) if isinstance(v, list) else v)
+        for k, v in tree["numpy"]["state"].items()
+    }
     return RngState(
-        python=tree["python"],
-        numpy=tree["numpy"],
+        python=decode_tree(tree["python"], {}),
+        numpy=numpy_state,
         torch_cpu=tensors["rng.torch_cpu"],
         cuda=[tensors[f"rng.cuda.{i}"] for i in range(tree["cuda_devices"])],
     )
