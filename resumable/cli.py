@@ -154,7 +154,10 @@ def ops_show(operation_id: IdArgument, as_json: JsonOption = False) -> None:
         ("latest checkpoint", _checkpoint_cell(detail.latest_checkpoint)),
         (
             "attempts",
-            ", ".join(f"#{a.number} {a.flow_run_id}" for a in detail.attempt_runs),
+            ", ".join(
+                f"#{a.number} {a.flow_run_id}" + (f" on {a.host}" if a.host else "")
+                for a in detail.attempt_runs
+            ),
         ),
         ("resume claimed by", detail.claim_owner or "-"),
     ):

@@ -91,6 +91,8 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     resumed_from_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The machine that last ran this attempt (a Retry may run it again elsewhere).
+    host: Mapped[str | None] = mapped_column(String(255))
 
 
 class Checkpoint(Base):

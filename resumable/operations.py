@@ -100,8 +100,12 @@ def register_attempt(
     operation_id: str,
     flow_run_id: str,
     resumed_from_checkpoint_id: str | None = None,
+    host: str | None = None,
 ) -> Attempt:
-    """Record `flow_run_id` as an attempt of the operation (idempotent) and make it the latest."""
+    """Record `flow_run_id` as an attempt of the operation (idempotent) and make it the latest.
+
+    `host` names the machine running it now; a run started again (Retry) records its new host.
+    """
     check_operation_id(flow_run_id)
     operation = get_operation(session=session, id_or_run=operation_id)
     attempt = session.get(Attempt, flow_run_id)
@@ -115,11 +119,14 @@ def register_attempt(
             operation_id=operation.id,
             number=operation.attempts + 1,
             resumed_from_checkpoint_id=resumed_from_checkpoint_id,
+            host=host,
         )
         session.add(attempt)
         operation.attempts = attempt.number
         operation.latest_run_id = flow_run_id
         session.flush()
+    elif host is not None:
+        attempt.host = host
     return attempt
 
 

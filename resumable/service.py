@@ -61,6 +61,7 @@ class AttemptView(BaseModel):
     number: int
     flow_run_id: str
     resumed_from_checkpoint_id: str | None
+    host: str | None
 
 
 class OperationView(BaseModel):
@@ -161,6 +162,7 @@ class OperationsService:
                     number=a.number,
                     flow_run_id=a.flow_run_id,
                     resumed_from_checkpoint_id=a.resumed_from_checkpoint_id,
+                    host=a.host,
                 )
                 for a in attempts
             ],

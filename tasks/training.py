@@ -7,6 +7,7 @@ handed from task to task; tasks use `NO_CACHE`, since their inputs are live obje
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ def start_operation(
             operation_id=operation.id,
             flow_run_id=flow_run_id,
             resumed_from_checkpoint_id=resume.checkpoint_id if resume else None,
+            host=socket.gethostname(),
         )
         operations.record_state(
             session=session,
@@ -157,9 +159,10 @@ def start_operation(
             restore_from = None
     _label_attempt(flow_run_id, operation_id, number, resume)
     logger.info(
-        "operation %s attempt %d: %s",
+        "operation %s attempt %d on host %s: %s",
         operation_id,
         number,
+        socket.gethostname(),
         "fresh start"
         if restore_from is None
         else f"continues from {restore_from} checkpoint",

@@ -40,6 +40,19 @@ def ensure_postgres_database(url: str) -> None:
         )
 
 
+def fresh_postgres_database(name: str) -> str:
+    """An empty PostgreSQL database named `name` (dropped first if it exists); returns its URL."""
+    url = make_url(POSTGRES_URL).set(database=name)
+    ensure_postgres_database(url.render_as_string(hide_password=False))
+    admin = (
+        f"host={url.host} port={url.port or 5432} user={url.username} dbname=postgres"
+    )
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return url.render_as_string(hide_password=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     ensure_postgres_database(POSTGRES_URL)

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import torch
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from sqlalchemy.engine import make_url
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    temporary_settings,
+)
 
 from deployments.local import LocalStack, free_port
 from resumable import operations, runtime
@@ -29,21 +31,9 @@ from resumable.checkpoints.store import CheckpointStore
 from resumable.settings import Settings
 from resumable.spec import TrainingSpec
 from resumable.training import Trainer
-from tests.conftest import POSTGRES_URL, ensure_postgres_database
+from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.slow
-
-
-def fresh_postgres_database(name: str) -> str:
-    url = make_url(POSTGRES_URL).set(database=name)
-    ensure_postgres_database(url.render_as_string(hide_password=False))
-    admin = (
-        f"host={url.host} port={url.port or 5432} user={url.username} dbname=postgres"
-    )
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return url.render_as_string(hide_password=False)
 
 
 @dataclass
@@ -160,7 +150,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(data_dir=data_dir, database_url=database_url)
     try:
         with (
-            temporary_settings(updates={PREFECT_API_URL: local.api_url}),
+            # The test process is a client of the stack like any other: same address, same
+            # retries of SQLite's 503 answers under bursts (see LocalStack.env).
+            temporary_settings(
+                updates={
+                    PREFECT_API_URL: local.api_url,
+                    PREFECT_CLIENT_MAX_RETRIES: int(
+                        local.env()["PREFECT_CLIENT_MAX_RETRIES"]
+                    ),
+                }
+            ),
             get_client(sync_client=True) as client,
         ):
             yield Stack(
