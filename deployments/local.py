@@ -44,6 +44,8 @@ class LocalStack:
     workers: tuple[str, ...] = POOLS
     extra_env: dict[str, str] = field(default_factory=dict)
     auto_resume: tuple[str, ...] = ()  # "crashed" and/or "failed"; empty: off
+    # The address the server listens on; 0.0.0.0 lets workers on other hosts reach it.
+    bind_host: str = "127.0.0.1"
 
     @property
     def api_url(self) -> str:
@@ -144,26 +146,8 @@ class LocalStack:
             return self
         pids: dict[str, int] = {}
         say(f"starting the Prefect server on {self.ui_url} ...")
-        pids["server"] = self._spawn(
-            "server",
-            [
-                *_prefect(),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-        )
+        pids["server"] = self._start_server()
         self._write_state(pids)
-        deadline = time.monotonic() + 120
-        while not self.healthy():
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Prefect server did not answer within 120 s; see {self.data_dir / 'logs' / 'server.log'}"
-                )
-            time.sleep(0.25)
         for pool in POOLS:
             result = self._cli(
                 "work-pool", "create", pool, "--type", "process", check=False
@@ -203,6 +187,39 @@ class LocalStack:
             f"up: Prefect UI at {self.ui_url}, workers for pools {', '.join(self.workers)}"
         )
         return self
+
+    def _start_server(self) -> int:
+        pid = self._spawn(
+            "server",
+            [
+                *_prefect(),
+                "server",
+                "start",
+                "--host",
+                self.bind_host,
+                "--port",
+                str(self.port),
+            ],
+        )
+        deadline = time.monotonic() + 120
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Prefect server did not answer within 120 s; see {self.data_dir / 'logs' / 'server.log'}"
+                )
+            time.sleep(0.25)
+        return pid
+
+    def restart_server(self, *, down_seconds: float = 0.0) -> None:
+        """Stop the Prefect server, wait `down_seconds`, start it again on the same port.
+
+        Runs and workers stay up; Prefect's clients retry while it is away.
+        """
+        state = json.loads(self.state_file.read_text())
+        _stop_group(state["pids"]["server"])
+        time.sleep(down_seconds)
+        state["pids"]["server"] = self._start_server()
+        self._write_state(state["pids"])
 
     def _write_state(self, pids: dict[str, int]) -> None:
         self.state_file.write_text(

@@ -6,7 +6,9 @@ meet it again. Points: `batch` (before the batch's update), `save_write` (while 
 files are written), `save_manifest` (after the files, before the manifest is written),
 `save_commit` (after the manifest, before the row is committed). Actions: `raise`
 (an `InjectedFault`), `kill` (SIGKILL of this process), `sigterm` (SIGTERM to this process),
-`nan` (the batch's loss becomes NaN), `pass` (nothing; it only uses up one passage).
+`nan` (the batch's loss becomes NaN), `pass` (nothing; it only uses up one passage),
+`hold` (create the file `held_path(point)` and wait there until someone removes it, so that a
+test can act on the rest of the system while this process stands at a known point).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,29 @@ def fire(point: str, epoch: int = -1, batch: int = -1) -> str | None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    if action == "hold":
+        _hold(held_path(point))
     return action
+
+
+def held_path(point: str) -> Path:
+    """The file a `hold` at `point` creates and waits on; removing it lets the process go on."""
+    plan = _plan_path()
+    if plan is None:
+        raise RuntimeError(f"{PLAN_VARIABLE} is not set")
+    return plan.with_name(f"{plan.name}.held-{point}")
+
+
+def _hold(marker: Path, limit_seconds: float = 600.0) -> None:
+    marker.write_text(str(os.getpid()))
+    deadline = time.monotonic() + limit_seconds
+    while marker.exists():
+        if time.monotonic() > deadline:
+            marker.unlink(missing_ok=True)
+            raise InjectedFault(
+                f"held at {marker} for {limit_seconds:.0f} s; nobody released it"
+            )
+        time.sleep(0.05)
 
 
 def enabled() -> bool:

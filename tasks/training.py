@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -26,6 +27,8 @@ from resumable.spec import TrainingSpec
 from resumable.training import BatchResult, Trainer
 from tasks.control import StopRequests
 from tasks.reporting import RunReporter
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class ResumeReference(BaseModel):
@@ -159,10 +162,11 @@ def start_operation(
             restore_from = None
     _label_attempt(flow_run_id, operation_id, number, resume)
     logger.info(
-        "operation %s attempt %d on host %s: %s",
+        "operation %s attempt %d on host %s (code in %s): %s",
         operation_id,
         number,
         socket.gethostname(),
+        PROJECT_DIR,
         "fresh start"
         if restore_from is None
         else f"continues from {restore_from} checkpoint",
