@@ -44,6 +44,8 @@ class LocalStack:
     workers: tuple[str, ...] = POOLS
     extra_env: dict[str, str] = field(default_factory=dict)
     auto_resume: tuple[str, ...] = ()  # "crashed" and/or "failed"; empty: off
+    # Mark training runs silent for this long CRASHED (a machine lost with its worker); None: off.
+    lost_after: float | None = None
     # The address the server listens on; 0.0.0.0 lets workers on other hosts reach it.
     bind_host: str = "127.0.0.1"
 
@@ -167,6 +169,14 @@ class LocalStack:
                 ",".join(self.auto_resume),
             )
             say(f"auto-resume is on for {', '.join(self.auto_resume)} training runs")
+        if self.lost_after is not None:
+            self._cli_python(
+                "from deployments.automations import enable_lost_run_detection; import sys; enable_lost_run_detection(float(sys.argv[1]))",
+                str(self.lost_after),
+            )
+            say(
+                f"training runs silent for {self.lost_after:g} s are marked CRASHED (lost)"
+            )
         for pool in self.workers:
             pids[f"worker-{pool}"] = self._spawn(
                 f"worker-{pool}",
@@ -263,8 +273,14 @@ def default_stack() -> LocalStack:
     data_dir = Path(
         os.environ.get("RESUMABLE_DATA_DIR", PROJECT_DIR / ".resumable")
     ).resolve()
+    lost_after = os.environ.get("RESUMABLE_LOST_AFTER_SECONDS")
     return LocalStack(
-        data_dir=data_dir, port=int(os.environ.get("RESUMABLE_PREFECT_PORT", "4200"))
+        data_dir=data_dir,
+        port=int(os.environ.get("RESUMABLE_PREFECT_PORT", "4200")),
+        auto_resume=tuple(
+            s for s in os.environ.get("RESUMABLE_AUTO_RESUME", "").split(",") if s
+        ),
+        lost_after=float(lost_after) if lost_after else None,
     )
 
 

@@ -7,9 +7,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import Pause, TerminationSignal
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Cancelled, Completed, State
 
+from resumable.errors import RunDeclaredLost
+from resumable.events import operation_resource
+from resumable.settings import get_settings
 from resumable.spec import TrainingSpec
 from tasks.control import StopRequests
 from tasks.training import (
@@ -22,6 +25,20 @@ from tasks.training import (
     start_operation,
     train_epoch,
 )
+
+
+def _heartbeat_related(operation_id: str) -> list[dict[str, str]]:
+    related = [
+        {**operation_resource(operation_id), "prefect.resource.role": "operation"}
+    ]
+    if deployment.id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{deployment.id}",
+                "prefect.resource.role": "deployment",
+            }
+        )
+    return related
 
 
 def flow_run_state() -> State | None:
@@ -78,7 +95,12 @@ def train_model(
         operation_id=start.operation_id,
         flow_run_id=flow_run_id,
         attempt=start.attempt,
-        stop=StopRequests(flow_run_id),
+        stop=StopRequests(
+            flow_run_id,
+            heartbeat_seconds=get_settings().heartbeat_seconds,
+            heartbeat_related=_heartbeat_related(start.operation_id),
+            run_logger=logger,
+        ),
     )
     final_state = "FAILED"
     with run.stop:
@@ -91,6 +113,13 @@ def train_model(
             assert run.trainer is not None
             while not run.trainer.finished and not run.stop.requested:
                 train_epoch(run)
+
+            if run.stop.lost:
+                raise RunDeclaredLost(
+                    f"{run.label} was marked CRASHED by the server while it trained (its"
+                    " heartbeats stopped arriving); it stops here and writes no checkpoint,"
+                    " since another run may be continuing the operation"
+                )
 
             if run.stop.requested:
                 checkpoint = save_checkpoint(run, "cancellation")
@@ -144,9 +173,11 @@ def train_model(
                 )
             final_state = "PAUSED"
             raise
-        except Exception:
+        except Exception as err:
             trainer = run.trainer
-            if trainer is not None and run.started and trainer.is_consistent:
+            if isinstance(err, RunDeclaredLost) or run.stop.lost:
+                logger.error("%s", err)
+            elif trainer is not None and run.started and trainer.is_consistent:
                 save_checkpoint(run, "failure")
             elif trainer is not None and run.started:
                 logger.error(

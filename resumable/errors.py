@@ -104,6 +104,14 @@ class AnotherTrainerActive(ResumableError, RuntimeError):
     """A second run tried to train an operation that another run is training."""
 
 
+class RunDeclaredLost(ResumableError, RuntimeError):
+    """The server marked this run CRASHED while it was alive (its heartbeats stopped reaching it).
+
+    Another run may already be continuing the operation, so this one stops at the next batch
+    boundary and writes nothing more.
+    """
+
+
 class CheckpointSaveFailed(ResumableError, OSError):
     """A periodic checkpoint could not be saved and the policy says to stop."""
 

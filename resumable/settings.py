@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         gt=0,
         description="A resume claim that scheduled nothing after this long may be taken over.",
     )
+    heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often a training run reports that it is alive (`resumable.training.heartbeat`).",
+    )
     auto_resume_cap: int = Field(
         default=3, ge=0, description="Automatic resumes allowed per operation."
     )

@@ -6,6 +6,11 @@ ways: while installed, SIGTERM only raises a flag (Prefect's own handler would r
 exception wherever the main thread happens to be, even half-way through an optimizer
 step), and a thread polls the run's state. The training loop asks `requested` at every
 batch boundary, which costs one `Event.is_set()`.
+
+The same thread emits a `resumable.training.heartbeat` event every `heartbeat_seconds`, so
+that an automation can mark a run CRASHED when its machine is lost with its worker
+(`deployments.automations.enable_lost_run_detection`). A run that sees itself CRASHED while
+alive has been declared lost: it stops without writing another checkpoint (`lost`).
 """
 
 from __future__ import annotations
@@ -13,19 +18,40 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import uuid
 from types import FrameType, TracebackType
 from typing import Any
 
+from resumable.events import TRAINING_HEARTBEAT
+
 logger = logging.getLogger(__name__)
 
-STOP_STATES = {"CANCELLING": "cancel", "CANCELLED": "cancel", "PAUSED": "pause"}
+STOP_STATES = {
+    "CANCELLING": "cancel",
+    "CANCELLED": "cancel",
+    "PAUSED": "pause",
+    "CRASHED": "lost",
+}
 
 
 class StopRequests:
-    def __init__(self, flow_run_id: str | None, *, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        flow_run_id: str | None,
+        *,
+        poll_seconds: float = 1.0,
+        heartbeat_seconds: float | None = None,
+        heartbeat_related: list[dict[str, str]] | None = None,
+        run_logger: logging.Logger
+        | logging.LoggerAdapter[logging.Logger]
+        | None = None,
+    ) -> None:
         self.flow_run_id = flow_run_id
         self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_related = heartbeat_related or []
+        self.run_logger = run_logger or logger
         self.reason: str | None = None
         self.signalled = False
         self._event = threading.Event()
@@ -37,8 +63,13 @@ class StopRequests:
     def requested(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def lost(self) -> bool:
+        """The server has declared this run CRASHED: write nothing more."""
+        return self.reason == "lost"
+
     def request(self, reason: str) -> None:
-        if self.reason is None:
+        if self.reason is None or reason == "lost":
             self.reason = reason
         self._event.set()
 
@@ -78,8 +109,15 @@ class StopRequests:
         assert self.flow_run_id is not None
         run_id = uuid.UUID(self.flow_run_id)
         failures = 0
+        next_beat = time.monotonic()
+        seen_stop_state = False
         with get_client(sync_client=True) as client:
             while not self._closed.wait(self.poll_seconds):
+                if self.heartbeat_seconds and time.monotonic() >= next_beat:
+                    self._beat()
+                    next_beat = time.monotonic() + self.heartbeat_seconds
+                if seen_stop_state:
+                    continue  # only the heartbeat goes on while the run saves and ends
                 try:
                     state = client.read_flow_run(run_id).state
                     failures = 0
@@ -96,7 +134,36 @@ class StopRequests:
                     continue
                 if state is not None and state.type.value in STOP_STATES:
                     self.request(STOP_STATES[state.type.value])
-                    return
+                    seen_stop_state = True
+                    if self.lost:
+                        self.run_logger.error(
+                            "flow run %s is declared lost: the server marked it CRASHED (%s)"
+                            " while it trains; it stops at the next batch boundary",
+                            self.flow_run_id,
+                            state.message,
+                        )
+                    else:
+                        self.run_logger.info(
+                            "flow run %s is %s: it stops at the next batch boundary and saves a checkpoint",
+                            self.flow_run_id,
+                            state.type.value,
+                        )
+
+    def _beat(self) -> None:
+        from prefect.events import emit_event
+
+        try:
+            emit_event(
+                TRAINING_HEARTBEAT,
+                resource={
+                    "prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}"
+                },
+                related=self.heartbeat_related,
+            )
+        except (
+            Exception
+        ) as err:  # a missed beat is the detector's business, not training's
+            logger.debug("heartbeat of flow run %s not sent: %s", self.flow_run_id, err)
 
     def current_state(self) -> str | None:
         """The run's state type as the server sees it now, or None when it cannot be read."""

@@ -324,7 +324,7 @@ def train_epoch(run: TrainingRun) -> EpochOutcome:
             # Reserve the host buffers in the background, once the optimizer has state.
             saver.prepare(trainer)
             run.prepared = True
-        if not trainer.finished and schedule.due(trainer):
+        if not trainer.finished and not run.stop.lost and schedule.due(trainer):
             saver.save_async(trainer)
             schedule.saved()
         reporter.checkpoints_committed(saver.drain_committed())

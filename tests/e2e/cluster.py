@@ -106,13 +106,16 @@ class Host:
     env: dict[str, str] = field(default_factory=dict)
     worker: subprocess.Popen[bytes] | None = None
     netns: str = ""
+    booted: bool = False
 
     def __post_init__(self) -> None:
         self.netns = f"rs{os.getpid()}h{self.index}"
         self.mark = f"{self.name}-{uuid.uuid4().hex[:8]}"
 
     def boot(self) -> None:
-        """Create the namespace and its link to the control host; copy the project."""
+        """Create the namespace and its link to the control host; copy the project (once)."""
+        if self.booted:
+            return
         ns, outer, inner = self.netns, f"{self.netns}-o", f"{self.netns}-i"
         subnet = f"10.231.{self.index}"
         _run("ip", "netns", "add", ns)
@@ -135,7 +138,10 @@ class Host:
         _run("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
         _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         self.control_ip = f"{subnet}.1"
+        self.booted = True
         project = self.root / "project"
+        if project.exists():
+            return
         for part in PROJECT_PARTS:
             source = PROJECT_DIR / part
             if source.is_dir():
@@ -186,6 +192,17 @@ class Host:
                 start_new_session=True,
             )
 
+    def stop_worker(self) -> None:
+        """Stop the worker as an operator would (SIGTERM), when it runs nothing."""
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            self.worker.wait(30)
+
+    def run_processes(self) -> list[int]:
+        """The processes of this host other than its worker: the runs it started."""
+        worker = self.worker.pid if self.worker is not None else None
+        return [pid for pid in self.processes() if pid != worker]
+
     def kill_worker(self) -> None:
         """SIGKILL the worker process alone; the runs it started go on."""
         assert self.worker is not None
@@ -220,6 +237,7 @@ class Host:
             time.sleep(0.05)
         with contextlib.suppress(RuntimeError):
             _run("ip", "netns", "del", self.netns)
+        self.booted = False
 
 
 def restart_postgres() -> None:

@@ -44,13 +44,15 @@ BUCKET = "resumable-checkpoints"
 SPEC = TrainingSpec(
     recipe="tiny",
     recipe_options={"seconds_per_batch": 0.12},
-    epochs=10,
+    epochs=6,
     batch_size=16,
     seed=11,
     device="cpu",
     checkpoint=CheckpointPolicy(every_seconds=1.0),
 )
 CLI = str(Path(sys.executable).with_name("resumable"))
+HEARTBEAT_SECONDS = 1
+LOST_AFTER = 12  # seconds; Prefect waits at least 10
 
 
 @dataclass
@@ -70,6 +72,21 @@ class Cluster(Stack):
         """Plan a `hold` for the control host's runs at `point`; returns the file it creates."""
         self.plan_faults({"at": point, "action": "hold"})
         return self.fault_plan.with_name(f"{self.fault_plan.name}.held-{point}")
+
+    def wait_held(self, held: Path, flow_run_id: str, what: str) -> None:
+        """Wait until a planned `hold` is reached; fail at once if the run ends first."""
+
+        def reached() -> bool:
+            if held.exists():
+                return True
+            state = self.state(flow_run_id)
+            if state is not None and state.is_final():
+                pytest.fail(
+                    f"{flow_run_id} ended {state.type.value} before {what}: {state.message}"
+                )
+            return False
+
+        wait_for(reached, 120, what)
 
     def start_resume(self, operation_id: str) -> str:
         from prefect.deployments import run_deployment
@@ -158,6 +175,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 ),
                 "AWS_ENDPOINT_URL": f"http://{host.control_ip}:{moto_port}",
                 "RESUMABLE_FAULT_PLAN": str(host.root / "faults.json"),
+                "RESUMABLE_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
             }
             hosts[name] = host
         settings = Settings(
@@ -210,13 +228,18 @@ def test_a_run_whose_worker_died_is_cancelled_on_its_host_and_resumed_on_another
     held = host_a.plan_faults({"at": "batch", "epoch": 1, "batch": 3, "action": "hold"})
     host_a.start_worker()
     operation_id = cluster.start_training(SPEC)
-    wait_for(held.exists, 120, "the run on host-a to reach epoch 1 batch 3")
+    cluster.wait_held(held, operation_id, "the run on host-a to reach epoch 1 batch 3")
 
     # The worker dies while its run trains; no worker is left to signal the run, so it
     # must see its cancellation by polling its own state, and go on by itself till then.
     host_a.kill_worker()
     cancelled = cluster.cli("cancel", operation_id)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    wait_for(
+        lambda: "is CANCELLING: it stops" in cluster.logs(operation_id),
+        60,
+        "the run to see its cancellation (its poller runs beside the held batch)",
+    )
     held.unlink()
     state = cluster.wait_final(operation_id, 60)
     assert state.type.value == "CANCELLED", state.message
@@ -239,6 +262,79 @@ def test_a_run_whose_worker_died_is_cancelled_on_its_host_and_resumed_on_another
     assert_bit_identical(final.state.tensors, uninterrupted_tensors(SPEC))
 
 
+@pytest.mark.faults
+def test_a_host_lost_with_its_worker_is_marked_crashed_and_resumed_on_another(
+    cluster: Cluster,
+) -> None:
+    from deployments.automations import (
+        disable_lost_run_detection,
+        enable_lost_run_detection,
+    )
+
+    host_a, host_b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    host_b.stop_worker()  # so that the first attempt can only run on host-a
+    host_a.boot()
+    enable_lost_run_detection(LOST_AFTER)
+    try:
+        held = host_a.plan_faults(
+            {"at": "batch", "epoch": 2, "batch": 1, "action": "hold"}
+        )
+        host_a.start_worker()
+        operation_id = cluster.start_training(SPEC)
+        cluster.wait_held(
+            held, operation_id, "the run on host-a to reach epoch 2 batch 1"
+        )
+
+        # The machine is gone: its worker and its run die together, and nobody reports it.
+        host_a.power_off()
+        state = cluster.wait_state(operation_id, "CRASHED", 120)
+        assert "lost: no heartbeat" in (state.message or "")
+    finally:
+        disable_lost_run_detection()
+
+    host_b.start_worker()
+    resumed = cluster.cli("resume", operation_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    continuation = cluster.continuation_of(operation_id)
+    assert cluster.wait_final(continuation, 180).type.value == "COMPLETED"
+    assert cluster.attempts(operation_id) == [(1, "host-a"), (2, "host-b")]
+    final = cluster.store.load_latest_good(operation_id)
+    assert_bit_identical(final.state.tensors, uninterrupted_tensors(SPEC))
+
+
+@pytest.mark.faults
+def test_a_live_run_declared_lost_stops_without_writing(cluster: Cluster) -> None:
+    from prefect.states import Crashed
+
+    host_b = cluster.hosts["host-b"]
+    host_b.start_worker()
+    held = host_b.plan_faults({"at": "batch", "epoch": 2, "batch": 1, "action": "hold"})
+    operation_id = cluster.start_training(SPEC)
+    cluster.wait_held(held, operation_id, "the run to reach epoch 2 batch 1")
+    before = {
+        c.id for c in cluster.store.list_checkpoints(operation_id, include_all=True)
+    }
+
+    # As if the lost-run automation had fired while the run was alive (a network partition).
+    cluster.client.set_flow_run_state(
+        uuid.UUID(operation_id), Crashed(message="lost: test"), force=True
+    )
+    wait_for(
+        lambda: "declared lost" in cluster.logs(operation_id),
+        60,
+        "the run to notice it was declared lost (its poller runs beside the held batch)",
+    )
+    held.unlink()
+    wait_for(lambda: not host_b.run_processes(), 60, "the run's process to exit")
+    assert "writes no checkpoint" in cluster.logs(operation_id)
+
+    after = {
+        c.id for c in cluster.store.list_checkpoints(operation_id, include_all=True)
+    }
+    assert after == before, "a run declared lost wrote a checkpoint"
+    assert cluster.state(operation_id).type.value in ("CRASHED", "FAILED")
+
+
 def _every_committed_checkpoint_loads(cluster: Cluster, operation_id: str) -> None:
     for record in cluster.store.list_checkpoints(operation_id):
         cluster.store.load(record.id)
@@ -257,10 +353,10 @@ def test_the_prefect_server_restarted_during_a_resume_and_during_training(
     # The resume has claimed the operation when the server goes away, and schedules after.
     resume_held = cluster.plan_held("resume_after_claim")
     training_held = host_b.plan_faults(
-        {"at": "batch", "epoch": 6, "batch": 2, "action": "hold"}
+        {"at": "batch", "epoch": 4, "batch": 2, "action": "hold"}
     )
     resume = cluster.start_resume(operation_id)
-    wait_for(resume_held.exists, 120, "the resume to hold after its claim")
+    cluster.wait_held(resume_held, resume, "the resume to hold after its claim")
     cluster.local.restart_server(down_seconds=2)
     resume_held.unlink()
     state = cluster.wait_final(resume, 120)
@@ -268,7 +364,9 @@ def test_the_prefect_server_restarted_during_a_resume_and_during_training(
 
     # The continuation is training on host-b when the server goes away again.
     continuation = cluster.continuation_of(operation_id)
-    wait_for(training_held.exists, 120, "the continuation to reach epoch 6 batch 2")
+    cluster.wait_held(
+        training_held, continuation, "the continuation to reach epoch 4 batch 2"
+    )
     cluster.local.restart_server(down_seconds=2)
     training_held.unlink()
     assert cluster.wait_final(continuation, 120).type.value == "COMPLETED"
@@ -286,7 +384,7 @@ def test_postgresql_restarted_during_a_run(cluster: Cluster) -> None:
     host_b.start_worker()
     held = host_b.plan_faults({"at": "batch", "epoch": 2, "batch": 2, "action": "hold"})
     operation_id = cluster.start_training(SPEC)
-    wait_for(held.exists, 120, "the run to reach epoch 2 batch 2")
+    cluster.wait_held(held, operation_id, "the run to reach epoch 2 batch 2")
     before = cluster.store.latest_good(operation_id)
 
     # Every connection to PostgreSQL (the ledger's and the Prefect server's) is cut.
@@ -296,7 +394,7 @@ def test_postgresql_restarted_during_a_run(cluster: Cluster) -> None:
 
     assert state.type.value == "COMPLETED", state.message
     checkpoints = cluster.store.list_checkpoints(operation_id)
-    assert any(c.step > before.step and c.kind == "periodic" for c in checkpoints), (
+    assert any(c.step > before.step for c in checkpoints), (
         "no checkpoint was committed after the restart"
     )
     final = cluster.store.load_latest_good(operation_id)
