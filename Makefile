@@ -45,7 +45,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy resumable
+	$(BIN)/mypy resumable tasks flows
 
 clean:
 	rm -rf $(VENV) .resumable .pytest_cache .mypy_cache .ruff_cache

@@ -113,6 +113,7 @@ def enable_lost_run_detection(
     """
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
@@ -143,7 +144,7 @@ def enable_lost_run_detection(
         ),
         actions=[
             ChangeFlowRunState(
-                state="CRASHED",
+                state=StateType.CRASHED,
                 message=f"lost: no heartbeat for {lost_after_seconds:g} s (its machine or worker is gone)",
             )
         ],

@@ -72,6 +72,7 @@ class TrainingRun:
     )
     prepared: bool = False
     periodic_saves: list[str] = field(default_factory=list)
+    reporter: RunReporter | None = None
 
     @property
     def label(self) -> str:
@@ -100,7 +101,9 @@ def start_operation(
     """
     logger = get_run_logger()
     sessions = runtime.sessions()
+    restore_from: str | None
     with sessions.begin() as session:
+        operation: operations.Operation | None
         if resume is not None:
             operation = operations.get_operation(
                 session=session, id_or_run=resume.operation_id
