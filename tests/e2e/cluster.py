@@ -193,10 +193,14 @@ class Host:
             )
 
     def stop_worker(self) -> None:
-        """Stop the worker as an operator would (SIGTERM), when it runs nothing."""
+        """Stop the worker, when it runs nothing: SIGTERM, and SIGKILL if it lingers."""
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
-            self.worker.wait(30)
+            try:
+                self.worker.wait(5)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait(10)
 
     def run_processes(self) -> list[int]:
         """The processes of this host other than its worker: the runs it started."""

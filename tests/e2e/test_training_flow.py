@@ -114,13 +114,13 @@ def test_a_killed_run_crashes_and_resumes_from_its_last_periodic_checkpoint(
 def test_resume_is_refused_for_a_running_and_then_a_completed_operation(
     stack: Stack,
 ) -> None:
-    slow = SPEC.model_copy(
-        update={"epochs": 2, "recipe_options": {"seconds_per_batch": 0.6}}
-    )
-    operation_id = stack.start_training(slow)
-    stack.wait_state(operation_id, "RUNNING")
+    stack.plan_faults({"at": "batch", "epoch": 0, "batch": 2, "action": "hold"})
+    held = stack.fault_plan.with_name(f"{stack.fault_plan.name}.held-batch")
+    operation_id = stack.start_training(SPEC.model_copy(update={"epochs": 2}))
+    wait_for(held.exists, 120, "the run to stand at epoch 0 batch 2")
 
     refused = stack.resume(operation_id)
+    held.unlink()
 
     assert refused.state.type.value == "FAILED"
     assert "is RUNNING and cannot be resumed" in refused.state.message
