@@ -7,15 +7,88 @@ answer 503 and the CLI exit with code 5, with nothing claimed.
 from __future__ import annotations
 
 import logging
+import ssl
+import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from resumable.events import operation_resource
 from resumable.resuming import OrchestratorUnavailable
 
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
 logger = logging.getLogger(__name__)
+
+# A Prefect server on SQLite answers 503 ("database is locked") when a write races one of
+# its own background writers, and Prefect's client then sleeps 2 s, 4 s, 8 s... before the
+# next try (2 s even when told to make no retries). The writes that decide a resume are
+# tried again sooner; past these delays, Prefect's own backoff takes over.
+BUSY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+class BusyRetryTransport(httpx.HTTPTransport):
+    """An HTTP transport that sends a request again, soon, while the server answers 503."""
+
+    def __init__(
+        self,
+        delays: tuple[float, ...] = BUSY_RETRY_DELAYS,
+        verify: ssl.SSLContext | bool = True,
+        http2: bool = False,
+    ) -> None:
+        # Connection retries as Prefect's client sets them on its own transport.
+        super().__init__(retries=3, verify=verify, http2=http2)
+        self.delays = delays
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for delay in self.delays:
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.read()
+            response.close()
+            time.sleep(delay)
+        return super().handle_request(request)
+
+
+@contextmanager
+def busy_tolerant_client() -> Iterator[SyncPrefectClient]:
+    """A Prefect client for writes that may be repeated (idempotent ones), over `BusyRetryTransport`.
+
+    It verifies TLS as Prefect's own client does (`PREFECT_API_SSL_CERT_FILE`,
+    `PREFECT_API_TLS_INSECURE_SKIP_VERIFY`).
+
+    Note:
+        A transport of our own bypasses httpx's proxy settings (`HTTPS_PROXY`); a Prefect
+        server reached only through a proxy cannot be used to resume.
+    """
+    import certifi
+    from prefect.client.orchestration import get_client
+    from prefect.settings import (
+        PREFECT_API_ENABLE_HTTP2,
+        PREFECT_API_SSL_CERT_FILE,
+        PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    )
+
+    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+        verify = ssl.create_default_context()
+        verify.check_hostname = False
+        verify.verify_mode = ssl.CERT_NONE
+    else:
+        verify = ssl.create_default_context(
+            cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where()
+        )
+    transport = BusyRetryTransport(
+        verify=verify, http2=bool(PREFECT_API_ENABLE_HTTP2.value())
+    )
+    with get_client(
+        httpx_settings={"transport": transport}, sync_client=True
+    ) as client:
+        yield client
 
 
 def _unavailable(err: Exception) -> OrchestratorUnavailable:
@@ -63,21 +136,19 @@ class PrefectGateway:
         idempotency_key: str,
         tags: list[str],
     ) -> str:
-        from prefect.deployments import run_deployment
-
         _require_api_url()
         try:
-            flow_run = run_deployment(
-                deployment,
-                parameters=parameters,
-                idempotency_key=idempotency_key,
-                tags=tags,
-                timeout=0,
-                as_subflow=False,
-            )
+            # The idempotency key makes a repeated request return the run the first one made.
+            with busy_tolerant_client() as client:
+                flow_run = client.create_flow_run_from_deployment(
+                    client.read_deployment_by_name(deployment).id,
+                    parameters=parameters,
+                    idempotency_key=idempotency_key,
+                    tags=tags,
+                )
         except (httpx.HTTPError, OSError) as err:
             raise _unavailable(err) from err
-        return str(flow_run.id)  # type: ignore[union-attr]  # sync context: a FlowRun, not a coroutine
+        return str(flow_run.id)
 
     def cancel(self, flow_run_id: str) -> str:
         return cancel_flow_run(flow_run_id)
@@ -133,12 +204,11 @@ def emit_operation_event(
 
 def cancel_flow_run(flow_run_id: str) -> str:
     """Ask Prefect to cancel a flow run (its worker then signals it); returns the new state type."""
-    from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
     _require_api_url()
     try:
-        with get_client(sync_client=True) as client:
+        with busy_tolerant_client() as client:
             result: Any = client.set_flow_run_state(
                 uuid.UUID(flow_run_id),
                 Cancelling(message="cancelled through resumable"),
